@@ -1,0 +1,66 @@
+"""``engmoe`` command: small utilities around the model (training is ``launch/pretrain.py``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _params(args) -> int:
+    from engmoe.config import load_config
+    from engmoe.model import count_parameters
+
+    for preset in args.presets:
+        cfg = load_config(model=preset)
+        print(f"{preset:>18}: {count_parameters(cfg.model).summary()}")
+    return 0
+
+
+def _smoke(args) -> int:
+    """Build a preset on this machine and take a few optimizer steps on one fixed random batch."""
+    import torch
+
+    from engmoe.config import load_config
+    from engmoe.model import build_model, count_parameters
+    from engmoe.parallel import initialize_parallel
+
+    cfg = load_config(model=args.model, overrides=args.set)
+    env = initialize_parallel(cfg.parallel)
+    dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    model = build_model(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=env.device, params_dtype=dtype)
+    print(f"model {cfg.model.name}: {count_parameters(cfg.model).summary()} on {env.device}")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=g).to(env.device)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        out = model(x[:, :-1], labels=x[:, 1:])
+        loss = out.loss.float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step == 1 or step % 10 == 0 or step == args.steps:
+            print(f"step {step:4d} | loss {loss.item():.4f} | aux {out.aux_loss.item():.4f} | {time.time() - t0:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="engmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("params", help="print total/active parameter counts of model presets")
+    p.add_argument("presets", nargs="*", default=["enggpt2-16b-a3b", "proxy", "tiny"])
+    p.set_defaults(fn=_params)
+    s = sub.add_parser("smoke", help="a few training steps of a preset on one fixed random batch")
+    s.add_argument("--model", default="tiny")
+    s.add_argument("--steps", type=int, default=40)
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--seq", type=int, default=128)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(fn=_smoke)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

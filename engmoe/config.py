@@ -1,0 +1,457 @@
+"""Typed configuration: one dataclass tree, loaded from YAML, overridden by ``--set a.b=c``.
+
+Why a hand-rolled loader instead of OmegaConf/Hydra: we want three things only — unknown keys are
+errors, every value is checked against its annotated type, and every error names the dotted field and
+the file it came from. That is ~150 lines and no dependency.
+
+Load order (later wins): dataclass defaults → model preset (``configs/model/<name>.yaml`` into
+``model``) → stage file (``configs/stages/<stage>.yaml``) → ``--config`` files → ``--set`` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or inconsistent; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class YarnConfig:
+    """YaRN context extension (Peng et al. 2023). ``factor`` 1.0 disables it."""
+
+    factor: float = 1.0
+    original_max_position: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    # Attention temperature: cos/sin are scaled by this, so logits scale by its square. None means the
+    # paper's default 0.1·ln(factor)+1.
+    attention_factor: Optional[float] = None
+
+    def validate(self, where: str) -> None:
+        _check(self.factor >= 1.0, f"{where}.factor", f"must be >= 1.0, got {self.factor}")
+        _check(self.original_max_position > 0, f"{where}.original_max_position", "must be > 0")
+        _check(self.beta_fast > self.beta_slow > 0, f"{where}.beta_fast/beta_slow",
+               f"need beta_fast > beta_slow > 0, got {self.beta_fast}/{self.beta_slow}")
+
+
+@dataclass
+class RopeConfig:
+    base: float = 10000.0
+    yarn: YarnConfig = field(default_factory=YarnConfig)
+
+    def validate(self, where: str) -> None:
+        _check(self.base > 1.0, f"{where}.base", f"must be > 1, got {self.base}")
+        self.yarn.validate(f"{where}.yarn")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 64
+    top_k: int = 8
+    expert_intermediate_size: int = 1080
+    # Renormalise the top-k probabilities to sum to 1 (Mixtral/Qwen style) instead of raw softmax mass.
+    normalize_topk: bool = False
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    # Compute router logits/softmax in fp32 even when the model runs in bf16 (routing is precision-sensitive).
+    router_fp32: bool = True
+    # Kernel backend for the grouped-expert path: auto | reference | torch | cuda | grouped_gemm.
+    kernel_backend: str = "auto"
+
+    def validate(self, where: str) -> None:
+        _check(self.num_experts >= 1, f"{where}.num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(1 <= self.top_k <= self.num_experts, f"{where}.top_k",
+               f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        _check(self.expert_intermediate_size >= 1, f"{where}.expert_intermediate_size", "must be >= 1")
+        _check(self.aux_loss_coeff >= 0 and self.z_loss_coeff >= 0, f"{where}.aux_loss_coeff/z_loss_coeff",
+               "must be >= 0")
+        _check(self.kernel_backend in KERNEL_BACKENDS, f"{where}.kernel_backend",
+               f"must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+
+
+KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "te", "naive")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Defaults are EngGPT2-16B-A3B (DESIGN §1); presets in configs/model/ override."""
+
+    name: str = "enggpt2-16b-a3b"
+    num_layers: int = 24
+    hidden_size: int = 2880
+    num_attention_heads: int = 32
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    vocab_size: int = 131084
+    # The embedding/output tables are padded to a multiple of this (times tp) so they shard evenly;
+    # padded logits are masked out of the loss and never sampled.
+    pad_vocab_to_multiple_of: int = 128
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    attention_backend: str = "auto"
+
+    def validate(self, where: str = "model") -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
+                     "vocab_size", "max_seq_len", "pad_vocab_to_multiple_of"):
+            _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.num_attention_heads % self.num_kv_heads == 0, f"{where}.num_kv_heads",
+               f"num_attention_heads={self.num_attention_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        _check(self.head_dim % 2 == 0, f"{where}.head_dim", f"must be even for RoPE, got {self.head_dim}")
+        _check(self.hidden_size % self.num_attention_heads == 0 or self.head_dim > 0, f"{where}.hidden_size",
+               "inconsistent with heads")
+        _check(self.hidden_size % 2 == 0, f"{where}.hidden_size", f"must be even, got {self.hidden_size}")
+        _check(self.norm_eps > 0, f"{where}.norm_eps", "must be > 0")
+        _check(self.init_std > 0, f"{where}.init_std", "must be > 0")
+        _check(self.attention_backend in ATTENTION_BACKENDS, f"{where}.attention_backend",
+               f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        self.rope.validate(f"{where}.rope")
+        self.moe.validate(f"{where}.moe")
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        multiple = self.pad_vocab_to_multiple_of * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; the data-parallel size is derived as world / (tp · pp · cp)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    expert: int = 1
+    expert_tensor: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    # Layers per pipeline stage, e.g. [11, 13]; None splits evenly (first stages get the remainder).
+    pipeline_layers: Optional[list[int]] = None
+
+    def validate(self, where: str = "parallel") -> None:
+        for name in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
+            _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.virtual_pipeline is not None:
+            _check(self.virtual_pipeline >= 1, f"{where}.virtual_pipeline", "must be >= 1 or null")
+        _check(not self.sequence_parallel or self.tensor > 1, f"{where}.sequence_parallel",
+               "needs tensor > 1")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 2000
+    # constant | linear | cosine | wsd-style decays are expressed by the schedule fields below.
+    decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    decay_steps: Optional[int] = None  # None: decay over the whole stage after warmup
+    # Reset the optimizer state and schedule when this stage starts from another stage's checkpoint.
+    reset_on_stage_start: bool = True
+
+    def validate(self, where: str = "optimizer") -> None:
+        _check(self.lr > 0, f"{where}.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"{where}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{where}.beta1/beta2", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
+        _check(self.clip_grad >= 0, f"{where}.clip_grad", "must be >= 0 (0 disables clipping)")
+        _check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    # Blend YAML (configs/data/*.yaml); None on a machine without data means the built-in demo corpus.
+    blend: Optional[str] = None
+    data_root: Optional[str] = None
+    tokenizer: Optional[str] = None
+    # Training sequence length; null means model.max_seq_len.
+    seq_len: Optional[int] = None
+    # Packed chat data with document masks and loss masks (mid-training).
+    packed: bool = False
+    num_workers: int = 2
+
+    def validate(self, where: str = "data") -> None:
+        _check(self.seq_len is None or self.seq_len >= 2, f"{where}.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.num_workers >= 0, f"{where}.num_workers", "must be >= 0")
+
+
+@dataclass
+class StageConfig:
+    """What a training stage is: its length, batch, checkpoints and where it starts from."""
+
+    name: str = "1"
+    train_steps: int = 1000
+    global_batch: int = 1024
+    micro_batch: int = 1
+    # Batch-size ramp: [[step, global_batch], ...] — from each step on, that batch (DESIGN §2 stage 1).
+    batch_ramp: list[list[int]] = field(default_factory=list)
+    init_from: Optional[str] = None
+    seed: int = 1234
+    precision: Literal["bf16", "fp32"] = "bf16"
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_batches: int = 10
+    save_interval: int = 1000
+    save_dir: str = "runs/default"
+
+    def validate(self, where: str = "stage") -> None:
+        for name in ("train_steps", "global_batch", "micro_batch", "log_interval", "eval_interval",
+                     "save_interval"):
+            _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for i, entry in enumerate(self.batch_ramp):
+            _check(len(entry) == 2 and entry[0] >= 0 and entry[1] >= 1, f"{where}.batch_ramp[{i}]",
+                   f"must be [step, global_batch], got {entry}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.parallel.validate("parallel")
+        self.optimizer.validate("optimizer")
+        self.data.validate("data")
+        self.stage.validate("stage")
+        if self.data.seq_len is None:
+            self.data.seq_len = self.model.max_seq_len
+        _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+               f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: dict → dataclass with type checking
+# --------------------------------------------------------------------------------------------------
+def from_dict(cls: type, data: Any, where: str, source: str = "<dict>") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every key and type; errors name field and file."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field {_join(where, unknown[0])!r}"
+                          f" (valid fields of {where or 'config'}: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, _join(where, k), source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge_into(obj: Any, data: dict, where: str, source: str) -> Any:
+    """Overlay a (partial) mapping on an existing dataclass instance, recursively, type-checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        path = _join(where, key)
+        if key not in hints:
+            valid = ", ".join(sorted(f.name for f in dataclasses.fields(obj)))
+            raise ConfigError(f"{source}: unknown field {path!r} (valid fields of {where or 'config'}: {valid})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            merge_into(current, value, path, source)
+        else:
+            setattr(obj, key, _coerce(hints[key], value, path, source))
+    return obj
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {where}: got null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, source)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: {where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. stage name 2 written without quotes
+        raise ConfigError(f"{source}: {where}: expected a string, got {value!r}")
+    raise ConfigError(f"{source}: {where}: unsupported type {tp}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optimizer.lr=3e-4")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: cannot parse value: {e}") from e
+    return key.split("."), value
+
+
+def _nest(keys: list[str], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def model_preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONFIG_ROOT / "model" / f"{name}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
+        raise ConfigError(f"model preset {name!r} not found at {candidate} (known presets: {', '.join(known)})")
+    return candidate
+
+
+def stage_path(stage: str) -> Path:
+    path = Path(stage)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONFIG_ROOT / "stages" / f"{stage}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "stages").glob("*.yaml"))
+        raise ConfigError(f"stage {stage!r} not found at {candidate} (known stages: {', '.join(known)})")
+    return candidate
+
+
+def load_model_config(preset: str) -> ModelConfig:
+    path = model_preset_path(preset)
+    cfg = from_dict(ModelConfig, read_yaml(path), "model", str(path))
+    cfg.validate("model")
+    return cfg
+
+
+def load_config(
+    model: Optional[str] = None,
+    stage: Optional[str] = None,
+    files: tuple[str, ...] | list[str] = (),
+    overrides: tuple[str, ...] | list[str] = (),
+) -> Config:
+    """Compose a validated Config (see module docstring for the order)."""
+    cfg = Config()
+    if stage is not None:
+        path = stage_path(stage)
+        data = read_yaml(path)
+        preset = data.pop("model_preset", None)
+        if preset is not None and model is None:
+            model = preset
+        if model is not None:
+            cfg.model = load_model_config(model)
+        merge_into(cfg, data, "", str(path))
+    elif model is not None:
+        cfg.model = load_model_config(model)
+    for f in files:
+        merge_into(cfg, read_yaml(f), "", str(f))
+    for text in overrides:
+        keys, value = parse_override(text)
+        merge_into(cfg, _nest(keys, value), "", f"--set {text}")
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        sources = [s for s in [stage and str(stage_path(stage)), *files] if s]
+        raise ConfigError(f"{e} (config from: {', '.join(sources) or 'defaults'}"
+                          f"{', --set ' + ' '.join(overrides) if overrides else ''})") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically), e.g. next to a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_yaml_file(path: str | Path) -> Config:
+    """Load a full saved config (as written by save_config)."""
+    return from_dict(Config, read_yaml(path), "", str(path)).validate()

@@ -1,0 +1,75 @@
+"""Plain-PyTorch reference implementations of the grouped-expert ops.
+
+These are the oracle every fast backend is tested against, and the path CPU runs take. Conventions:
+
+* ``topk_idx``/``topk_probs`` are ``[T, k]``: token t's k chosen experts and their routing weights.
+* Expert-sorted order ("permuted") has ``T·k`` rows, grouped by expert id, and stable within an
+  expert (rows of the same expert keep token order), so results are deterministic.
+* ``sorted_slots[r]`` is the flat (token·k + slot) index that permuted row ``r`` came from;
+  ``slot_to_row`` is its inverse. Both directions are gathers: no float atomics anywhere, so the
+  backward is deterministic too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def routing_maps(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted_slots, slot_to_row, tokens_per_expert) for an expert-sorted layout of ``topk_idx``."""
+    flat = topk_idx.reshape(-1)
+    sorted_slots = torch.sort(flat, stable=True).indices
+    slot_to_row = torch.empty_like(sorted_slots)
+    slot_to_row[sorted_slots] = torch.arange(flat.numel(), device=flat.device)
+    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    return sorted_slots, slot_to_row, tokens_per_expert
+
+
+class _Permute(torch.autograd.Function):
+    """Gather token rows into expert-sorted order; backward sums each token's k row-gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sorted_slots: torch.Tensor, slot_to_row: torch.Tensor, top_k: int):
+        ctx.save_for_backward(slot_to_row)
+        ctx.top_k = top_k
+        return x.index_select(0, torch.div(sorted_slots, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (slot_to_row,) = ctx.saved_tensors
+        grad = grad_out.index_select(0, slot_to_row).view(-1, ctx.top_k, grad_out.shape[-1]).sum(1)
+        return grad, None, None, None
+
+
+def permute(x: torch.Tensor, sorted_slots: torch.Tensor, slot_to_row: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``x[T, H]`` → ``[T·k, H]`` in expert-sorted order."""
+    return _Permute.apply(x, sorted_slots, slot_to_row, top_k)
+
+
+def unpermute(y: torch.Tensor, slot_to_row: torch.Tensor, topk_probs: torch.Tensor) -> torch.Tensor:
+    """Expert outputs ``y[T·k, H]`` → ``out[T, H] = Σ_j probs[t, j] · y[row(t, j)]`` (accumulated in at least fp32)."""
+    T, k = topk_probs.shape
+    rows = y.index_select(0, slot_to_row).view(T, k, y.shape[-1])
+    acc = torch.promote_types(y.dtype, torch.float32)
+    out = torch.einsum("tkh,tk->th", rows.to(acc), topk_probs.to(acc))
+    return out.to(y.dtype)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``[N, 2F]`` (gate | up) → ``silu(gate) · up``, computed in (at least) fp32."""
+    gate, up = gate_up.to(torch.promote_types(gate_up.dtype, torch.float32)).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` grouped by expert (counts in ``tokens_per_expert``) times ``w[e]``: a loop of matmuls."""
+    counts = tokens_per_expert.tolist()
+    outs = [chunk @ w[e] for e, chunk in enumerate(torch.split(x, counts, dim=0))]
+    if not outs:
+        return x.new_zeros(0, w.shape[-1])
+    return torch.cat(outs, dim=0)
+
+
+def grouped_mlp(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts on expert-sorted rows: ``swiglu(x @ w13[e]) @ w2[e]``."""
+    return grouped_mm(swiglu(grouped_mm(x, w13, tokens_per_expert)), w2, tokens_per_expert)

@@ -1,0 +1,62 @@
+"""Layout-independent initialisation.
+
+Every parameter is drawn as its *full, unsharded* tensor from a generator seeded by (seed, global
+parameter name[, expert id]) and then sliced to this rank's shard. So a model built under tp2·pp2·ep2
+holds exactly the slices of the model built in one process — the basis of the equivalence tests, and
+of a run that changes layout without changing its initial weights. Experts are drawn one at a time so
+a rank only generates the experts it holds.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from engmoe.model.transformer import EngMoEModel, canonical_name
+
+
+def _generator(seed: int, key: str, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1))
+    return g
+
+
+def _std_for(name: str, model: EngMoEModel) -> float:
+    cfg = model.cfg
+    if name.endswith("linear_proj.weight") or name.endswith("experts.w2"):
+        return cfg.init_std / math.sqrt(2 * cfg.num_layers)  # residual-branch outputs (GPT-2 / Megatron)
+    return cfg.init_std
+
+
+@torch.no_grad()
+def init_weights(model: EngMoEModel, seed: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for local_name, p in model.named_parameters():
+        name = canonical_name(model, local_name)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        std = _std_for(name, model)
+        if hasattr(p, "expert_shard"):
+            offset, _ = p.expert_shard
+            for i in range(p.shape[0]):
+                g = _generator(seed, f"{name}#{offset + i}", p.device)
+                p[i].copy_(torch.randn(p.shape[1:], generator=g, device=p.device, dtype=torch.float32) * std)
+            continue
+        g = _generator(seed, name, p.device)
+        if getattr(p, "tensor_model_parallel", False):
+            dim = p.partition_dim
+            full_shape = list(p.shape)
+            full_shape[dim] *= tp
+            vocab_rows = getattr(p, "vocab_rows", None)
+            if vocab_rows is not None:  # draw the real rows only: padding depends on tp, values must not
+                full = torch.zeros(full_shape, device=p.device, dtype=torch.float32)
+                full[:vocab_rows] = torch.randn([vocab_rows, *full_shape[1:]], generator=g, device=p.device) * std
+            else:
+                full = torch.randn(full_shape, generator=g, device=p.device, dtype=torch.float32) * std
+            p.copy_(full.chunk(tp, dim=dim)[tp_rank])
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * std)

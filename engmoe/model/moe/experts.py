@@ -1,0 +1,32 @@
+"""SwiGLU experts stored as stacked weights so one grouped GEMM runs them all.
+
+``w13[e]`` is ``[H, 2F]`` (gate | up) and ``w2[e]`` is ``[F, H]``: the row-major ``x @ w`` layout that
+``torch._grouped_mm`` and grouped_gemm take without a transpose. Under expert parallelism a rank holds
+``E / ep`` experts; ``expert_offset`` says which global experts those are (for initialisation and
+checkpoint resharding).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engmoe.kernels import MoEKernels
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_local_experts: int, expert_offset: int, num_experts: int, hidden_size: int,
+                 intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.expert_offset = expert_offset
+        self.num_experts = num_experts
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, hidden_size, 2 * intermediate_size,
+                                            device=device, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size,
+                                           device=device, dtype=dtype))
+        for p in (self.w13, self.w2):
+            p.expert_shard = (expert_offset, num_experts)  # type: ignore[attr-defined]
+            p.allreduce = False  # type: ignore[attr-defined]  # megatron: expert grads reduce over expert-DP
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, kernels: MoEKernels) -> torch.Tensor:
+        return kernels.grouped_mlp(x, tokens_per_expert, self.w13, self.w2)

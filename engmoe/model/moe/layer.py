@@ -1,0 +1,67 @@
+"""The MoE layer, and how its auxiliary loss reaches the gradient from any pipeline stage."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engmoe.config import MoEConfig
+from engmoe.kernels import get_moe_kernels
+from engmoe.model.moe.dispatcher import LocalDispatcher
+from engmoe.model.moe.experts import GroupedExperts
+from engmoe.model.moe.router import TopKRouter
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on the activations whose backward also seeds ``d(aux_loss) = scale``.
+
+    This is how the load-balancing loss of every layer (on every pipeline stage) is trained without
+    threading it through the pipeline to the loss function: its gradient starts where it is computed.
+    ``scale`` must equal the factor the LM loss is scaled by (e.g. 1/num_microbatches).
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+class MoELayer(nn.Module):
+    def __init__(self, hidden_size: int, moe: MoEConfig, ep_size: int = 1, ep_rank: int = 0,
+                 device=None, dtype=None):
+        super().__init__()
+        if moe.num_experts % ep_size != 0:
+            from engmoe.config import ConfigError
+            raise ConfigError(f"parallel.expert={ep_size} must divide model.moe.num_experts={moe.num_experts}")
+        self.moe = moe
+        local = moe.num_experts // ep_size
+        self.router = TopKRouter(hidden_size, moe, device=device, dtype=dtype)
+        self.experts = GroupedExperts(local, ep_rank * local, moe.num_experts, hidden_size,
+                                      moe.expert_intermediate_size, device=device, dtype=dtype)
+        self.dispatcher = LocalDispatcher(moe.num_experts, moe.top_k)
+        self.kernels = get_moe_kernels(moe.kernel_backend)
+        self.aux_loss_scale = 1.0
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[S, B, H]`` → ``[S, B, H]``."""
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        routing = self.router(tokens)
+        permuted, tokens_per_expert, ctx = self.dispatcher.dispatch(tokens, routing, self.kernels)
+        expert_out = self.experts(permuted, tokens_per_expert, self.kernels)
+        out = self.dispatcher.combine(expert_out, ctx, self.kernels).view(shape)
+        self.last_stats = {
+            "lb_loss": routing.lb_loss.detach(),
+            "z_loss": routing.z_loss.detach(),
+            "aux_loss": routing.aux_loss.detach(),
+            "tokens_per_expert": routing.tokens_per_expert.detach(),
+        }
+        if self.training and routing.aux_loss.requires_grad:
+            out = AuxLossInjector.apply(out, routing.aux_loss, self.aux_loss_scale)
+        return out

@@ -1,0 +1,193 @@
+"""The decoder-only MoE transformer: embedding → N × (attention + MoE) blocks → final norm → output.
+
+Activations flow as ``[S, B, H]`` (Megatron's layout: sequence parallelism shards dim 0). A model object
+may be one pipeline stage: ``pre_process`` holds the embedding, ``post_process`` the final norm and
+output layer, and ``layer_offset`` makes its layers' numbers global (names in checkpoints are global,
+so a checkpoint reshards across pipeline layouts).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from engmoe.config import ConfigError, ModelConfig, ParallelConfig
+from engmoe.model.attention import SelfAttention
+from engmoe.model.moe import MoELayer
+from engmoe.model.norm import RMSNorm
+from engmoe.model.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    """``loss`` per token ``[B, S]`` when labels were given, else ``logits [B, S, V]`` (full vocab).
+
+    ``aux_loss`` is the detached sum of the coefficient-weighted MoE losses of this stage's layers, for
+    logging: its gradient is already injected inside each MoE layer, so do not add it to the loss.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    stats: dict = field(default_factory=dict)
+
+
+def _normal_init(std: float):
+    def init(t: torch.Tensor) -> None:
+        nn.init.normal_(t, mean=0.0, std=std)
+    return init
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_number: int, layer_config, ep_size: int, ep_rank: int,
+                 device, dtype):
+        super().__init__()
+        self.layer_number = layer_number
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.num_layers)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
+        self.attention = SelfAttention(cfg, layer_config, _normal_init(std), _normal_init(out_std))
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
+        self.mlp = MoELayer(cfg.hidden_size, cfg.moe, ep_size=ep_size, ep_rank=ep_rank, device=device, dtype=dtype)
+
+    def forward(self, x, rotary, doc_ids=None):
+        x = x + self.attention(self.input_norm(x), rotary, doc_ids)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+def split_layers(num_layers: int, pp: int, pipeline_layers: Optional[list[int]] = None) -> list[int]:
+    """Layers per pipeline stage: explicit list, or as even as possible (earlier stages get extras)."""
+    if pipeline_layers is not None:
+        if len(pipeline_layers) != pp or sum(pipeline_layers) != num_layers or min(pipeline_layers) < 1:
+            raise ConfigError(f"parallel.pipeline_layers={pipeline_layers} must have {pp} positive entries "
+                              f"summing to model.num_layers={num_layers}")
+        return list(pipeline_layers)
+    if num_layers < pp:
+        raise ConfigError(f"parallel.pipeline={pp} exceeds model.num_layers={num_layers}")
+    base, extra = divmod(num_layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
+
+
+class EngMoEModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None, *,
+                 pre_process: bool = True, post_process: bool = True,
+                 layer_offset: int = 0, num_local_layers: Optional[int] = None,
+                 device: torch.device | str | None = None, params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        from engmoe.parallel import megatron_layer_config
+
+        parallel = parallel or ParallelConfig()
+        device = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        self.cfg = cfg
+        self.parallel = parallel
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.layer_offset = layer_offset
+        layer_config = megatron_layer_config(parallel, params_dtype, device)
+        tp = parallel.tensor
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = cfg.padded_vocab_size(tp)
+        std = cfg.init_std
+        ep_rank = ps.get_expert_model_parallel_rank() if parallel.expert > 1 else 0
+
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                self.padded_vocab_size, cfg.hidden_size, init_method=_normal_init(std), config=layer_config,
+                reduce_scatter_embeddings=parallel.sequence_parallel)
+            self.embedding.weight.vocab_rows = cfg.vocab_size
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
+        n_local = cfg.num_layers if num_local_layers is None else num_local_layers
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, layer_offset + i, layer_config, parallel.expert, ep_rank, device, params_dtype)
+            for i in range(n_local))
+        if post_process:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=params_dtype)
+            if cfg.tie_embeddings and not pre_process:
+                raise ConfigError("model.tie_embeddings needs the embedding and output on one pipeline stage")
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                cfg.hidden_size, self.padded_vocab_size, config=layer_config, init_method=_normal_init(std),
+                bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings)
+            if not cfg.tie_embeddings:
+                self.output_layer.weight.vocab_rows = cfg.vocab_size
+        if parallel.sequence_parallel:
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight") or name.endswith("router.weight"):
+                    p.sequence_parallel = True  # megatron all-reduces these grads over the TP group
+        self.input_tensor: Optional[torch.Tensor] = None
+
+    # -- pipeline plumbing (megatron-core schedules call this) ---------------------------------------
+    def set_input_tensor(self, tensor) -> None:
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0]
+        self.input_tensor = tensor
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Scale of the MoE aux-loss gradient: must match the LM-loss scale (1/num_microbatches)."""
+        for layer in self.layers:
+            layer.mlp.aux_loss_scale = scale
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+        """input_ids, position_ids, doc_ids, labels: ``[B, S]``. Returns a ModelOutput on the last pipeline
+        stage and the hidden states ``[S, B, H]`` on the others."""
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).unsqueeze(0).expand(B, S)
+        if self.pre_process:
+            x = self.embedding(input_ids).transpose(0, 1).contiguous()  # [S(/tp), B, H]
+        else:
+            x = self.input_tensor
+        rotary = self.rotary(position_ids)
+        for layer in self.layers:
+            x = layer(x, rotary, doc_ids)
+        if not self.post_process:
+            return x
+        x = self.final_norm(x)
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        logits, _ = self.output_layer(x, weight=weight)  # [S, B, Vp/tp]
+        self._mask_padded_vocab(logits)
+        aux = sum((m.last_stats["aux_loss"] for m in self.moe_layers()), torch.zeros((), device=logits.device))
+        stats = {"tokens_per_expert": torch.stack([m.last_stats["tokens_per_expert"] for m in self.moe_layers()])
+                 if self.layers else None,
+                 "lb_loss": torch.stack([m.last_stats["lb_loss"] for m in self.moe_layers()]) if self.layers else None}
+        if labels is not None:
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+            loss = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
+            return ModelOutput(loss=loss, aux_loss=aux, stats=stats)
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        full = gather_from_tensor_model_parallel_region(logits)[..., : self.vocab_size]
+        return ModelOutput(logits=full.transpose(0, 1), aux_loss=aux, stats=stats)
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
+        """Padding columns of the output table never win the softmax (and get no gradient)."""
+        from megatron.core import parallel_state as ps
+
+        local = logits.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * local
+        first_pad = self.vocab_size - start
+        if first_pad < local:
+            logits[..., max(first_pad, 0):] = -1e9  # finite: a shard of only padding must not give NaN
+
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+
+
+def canonical_name(model: EngMoEModel, name: str) -> str:
+    """A parameter name with its layer index made global (stable across pipeline layouts)."""
+    m = _LAYER_RE.match(name)
+    if not m:
+        return name
+    return f"layers.{model.layers[int(m.group(1))].layer_number}." + name[m.end():]

@@ -1,0 +1,157 @@
+"""Process-group setup on top of megatron-core's ``parallel_state``.
+
+With every size 1 the model runs in one process: on CPU we create a gloo group of one, on GPU an NCCL
+group of one, so the same megatron-core layers are used in a unit test and on a 512-GPU job.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engmoe.config import ConfigError, ParallelConfig
+from engmoe.parallel.cpu_compat import apply_cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelEnv:
+    """Sizes and ranks of the current process, as megatron-core sees them."""
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    vpp: int | None
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    ep_rank: int
+    dp_rank: int
+    device: torch.device
+
+
+_ENV: ParallelEnv | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> torch.device:
+    """Initialise torch.distributed from torchrun's env (or as a single process) and pick the device."""
+    apply_cpu_compat()
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        else:
+            dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+    return device
+
+
+def initialize_parallel(parallel: ParallelConfig, num_layers: int | None = None,
+                        backend: str | None = None) -> ParallelEnv:
+    """Create megatron-core's model-parallel groups for ``parallel`` (initialising torch.distributed
+    first if needed) and return the sizes/ranks. Errors name the config field that does not fit."""
+    from megatron.core import parallel_state as ps
+
+    global _ENV
+    device = init_distributed(backend)
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor * parallel.pipeline * parallel.context
+    if world % model_parallel != 0:
+        raise ConfigError(f"parallel: world size {world} is not divisible by tensor·pipeline·context = "
+                          f"{parallel.tensor}·{parallel.pipeline}·{parallel.context} = {model_parallel}")
+    dp = world // model_parallel
+    expert_group = parallel.expert * parallel.expert_tensor
+    if (world // parallel.pipeline) % expert_group != 0:
+        raise ConfigError(f"parallel.expert: expert·expert_tensor = {expert_group} must divide "
+                          f"world/pipeline = {world // parallel.pipeline}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
+        create_gloo_process_groups=device.type == "cpu",
+    )
+    _ENV = ParallelEnv(
+        world_size=world,
+        rank=dist.get_rank(),
+        tp=parallel.tensor,
+        pp=parallel.pipeline,
+        vpp=parallel.virtual_pipeline,
+        cp=parallel.context,
+        ep=parallel.expert,
+        etp=parallel.expert_tensor,
+        dp=dp,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        device=device,
+    )
+    return _ENV
+
+
+def get_env() -> ParallelEnv:
+    if _ENV is None:
+        raise RuntimeError("engmoe.parallel.initialize_parallel() has not been called in this process")
+    return _ENV
+
+
+def destroy_parallel() -> None:
+    """Tear down model-parallel groups and the process group (tests create several in one process)."""
+    from megatron.core import parallel_state as ps
+
+    global _ENV
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _ENV = None
+
+
+def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, device: torch.device):
+    """The megatron ``ModelParallelConfig`` that its tensor-parallel layers read.
+
+    We do our own (layout-independent) initialisation, so megatron's is switched off; parameters are
+    allocated on the CPU only when the model runs there.
+    """
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        perform_initialization=False,
+        use_cpu_initialization=device.type == "cpu",
+        gradient_accumulation_fusion=False,
+        bf16=params_dtype == torch.bfloat16,
+    )

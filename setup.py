@@ -1,0 +1,82 @@
+"""engmoe: a sparse Mixture-of-Experts LM (EngGPT2-16B-A3B family) on megatron-core.
+
+The optional CUDA extension ``engmoe._C`` (sources in ``csrc/``) is built only where a CUDA build of
+torch and ``nvcc`` are both present; everywhere else the install succeeds and says the extension was
+skipped, and the pure-PyTorch kernels are used. Install with ``--no-build-isolation`` so this script
+sees the torch you installed (otherwise pip's isolated build environment has no torch and the
+extension is always skipped).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+
+def _cuda_extension():
+    """Return ([ext_modules], cmdclass) for engmoe._C, or ([], {}) with a message when it can't build."""
+    if os.environ.get("ENGMOE_SKIP_CUDA_BUILD") == "1":
+        print("engmoe: ENGMOE_SKIP_CUDA_BUILD=1, CUDA extension engmoe._C skipped", file=sys.stderr)
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        print("engmoe: torch not importable at build time, CUDA extension engmoe._C skipped "
+              "(use pip install --no-build-isolation to build it)", file=sys.stderr)
+        return [], {}
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc) or not sources:
+        print("engmoe: no CUDA torch / nvcc / sources, CUDA extension engmoe._C skipped; "
+              "the PyTorch reference kernels will be used", file=sys.stderr)
+        return [], {}
+    archs = os.environ.get("ENGMOE_CUDA_ARCHS", "80;90a").split(";")
+    gencode = []
+    for arch in archs:
+        gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    ext = CUDAExtension(
+        name="engmoe._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *gencode]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="engmoe",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts LM (EngGPT2-16B-A3B family): model, kernels, data prep, staged pretraining",
+    python_requires=">=3.11",
+    packages=find_packages(include=["engmoe", "engmoe.*"]),
+    package_data={"engmoe": ["resources/*", "data_prep/resources/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml>=6",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        # data preparation: datatrove pipelines, the Tekken tokenizer, demo corpus sources
+        "data": [
+            "datatrove==0.10.1",
+            "orjson",
+            "regex",
+            "tokenizers>=0.20",
+            "pyarrow",
+            "zstandard",
+        ],
+        # test-only dependencies (transformers is the independent oracle for RoPE/YaRN and HF export)
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46"],
+        # optional fast GPU backends, used when importable
+        "gpu": ["flash-attn", "transformer-engine[pytorch]", "grouped_gemm"],
+    },
+    entry_points={"console_scripts": ["engmoe=engmoe.cli:main", "engmoe-data=engmoe.data_prep.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
