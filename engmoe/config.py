@@ -215,6 +215,13 @@ class StageConfig:
     eval_batches: int = 10
     save_interval: int = 1000
     save_dir: str = "runs/default"
+    # Non-finite loss or grad norm: skip the update (and count it) or stop the run.
+    nan_policy: Literal["skip", "stop"] = "skip"
+    # Stop after this many skipped updates in a row (a run that only skips is broken).
+    max_consecutive_skips: int = 20
+    # Warn when the loss exceeds spike_factor × its running mean.
+    spike_factor: float = 3.0
+    tensorboard: bool = True
 
     def validate(self, where: str = "stage") -> None:
         for name in ("train_steps", "global_batch", "micro_batch", "log_interval", "eval_interval",
@@ -241,6 +248,16 @@ class Config:
         self.stage.validate("stage")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
+        par, m = self.parallel, self.model
+        _check(m.num_kv_heads % par.tensor == 0, "parallel.tensor",
+               f"{par.tensor} must divide model.num_kv_heads={m.num_kv_heads} (each tensor-parallel rank holds "
+               "whole KV groups)")
+        _check(m.moe.num_experts % par.expert == 0, "parallel.expert",
+               f"{par.expert} must divide model.moe.num_experts={m.moe.num_experts}")
+        _check(par.pipeline <= m.num_layers, "parallel.pipeline",
+               f"{par.pipeline} exceeds model.num_layers={m.num_layers}")
+        _check(self.data.seq_len % (2 * par.context) == 0 or par.context == 1, "data.seq_len",
+               f"{self.data.seq_len} must be a multiple of 2·parallel.context={2 * par.context}")
         _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         return self

@@ -91,7 +91,10 @@ class EngMoEModel(nn.Module):
         self.pre_process = pre_process
         self.post_process = post_process
         self.layer_offset = layer_offset
-        layer_config = megatron_layer_config(parallel, params_dtype, device)
+        layer_config = megatron_layer_config(parallel, params_dtype, device, cfg)
+        self.config = layer_config  # megatron schedules read model.config and model.model_type
+        from megatron.core.enums import ModelType
+        self.model_type = ModelType.encoder_or_decoder
         tp = parallel.tensor
         self.vocab_size = cfg.vocab_size
         self.padded_vocab_size = cfg.padded_vocab_size(tp)

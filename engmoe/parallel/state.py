@@ -133,15 +133,28 @@ def destroy_parallel() -> None:
     _ENV = None
 
 
-def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, device: torch.device):
-    """The megatron ``ModelParallelConfig`` that its tensor-parallel layers read.
+def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, device: torch.device,
+                          model=None):
+    """The megatron config that its tensor-parallel layers and pipeline schedules read.
 
-    We do our own (layout-independent) initialisation, so megatron's is switched off; parameters are
-    allocated on the CPU only when the model runs there.
+    A ``TransformerConfig`` (not just a ``ModelParallelConfig``) because the schedules read model fields
+    (hidden size for p2p shapes, …). We do our own layout-independent initialisation, so megatron's is
+    switched off; parameters are allocated on the CPU only when the model runs there.
     """
-    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return ModelParallelConfig(
+    from engmoe.config import ModelConfig
+
+    model = model or ModelConfig()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_kv_heads,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.moe.expert_intermediate_size,
+        pipeline_dtype=params_dtype,
+        add_bias_linear=False,
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,

@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer + gradient sync, checkpoints, metrics, the trainer loop."""

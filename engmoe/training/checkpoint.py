@@ -1,0 +1,156 @@
+"""Sharded checkpoints on megatron-core ``dist_checkpointing``: resharding on load, atomic on disk.
+
+Layout of a run directory::
+
+    <save_dir>/iter_0000100/          a complete checkpoint (dist_checkpointing files + engmoe files)
+    <save_dir>/iter_0000100/config.yaml, train_state.json
+    <save_dir>/latest                 text: the newest complete iteration
+    <save_dir>/iter_0000200.tmp/      being written (never loaded; removed on the next save)
+
+Every tensor is saved under its *global* name and global shape (layers by global number, experts by
+global id, tensor-parallel shards by offset), so a checkpoint written under one parallel layout loads
+under another. The optimizer's Adam moments are saved with their parameter's sharding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from engmoe.config import Config, save_config
+from engmoe.model.transformer import EngMoEModel, canonical_name
+
+LATEST = "latest"
+
+
+def _iter_dir(save_dir: Path, step: int) -> Path:
+    return save_dir / f"iter_{step:07d}"
+
+
+def _sharded_tensor(key: str, tensor: torch.Tensor, p: torch.nn.Parameter):
+    """A ShardedTensor for ``tensor`` laid out like parameter ``p`` on this rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if hasattr(p, "expert_shard"):
+        offset, total = p.expert_shard
+        local = p.shape[0]
+        return ShardedTensor.from_rank_offsets(key, tensor, (0, offset // local, total // local),
+                                               replica_id=ps.get_expert_data_parallel_rank())
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if getattr(p, "tensor_model_parallel", False):
+        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        return ShardedTensor.from_rank_offsets(key, tensor, (p.partition_dim, tp_rank, tp), replica_id=dp_rank,
+                                               allow_shape_mismatch=hasattr(p, "vocab_rows"))
+    return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(ps.get_tensor_model_parallel_rank(), dp_rank))
+
+
+def model_sharded_state_dict(models: list[EngMoEModel]) -> dict:
+    out = {}
+    for m in models:
+        for name, p in m.named_parameters():
+            key = f"model.{canonical_name(m, name)}"
+            out[key] = _sharded_tensor(key, p.data, p)
+    return out
+
+
+def optimizer_sharded_state_dict(models: list[EngMoEModel], optimizer: torch.optim.Optimizer) -> dict:
+    """Adam moments keyed by their parameter's global name (so they reshard with it)."""
+    out = {}
+    for m in models:
+        for name, p in m.named_parameters():
+            state = optimizer.state.get(p)
+            if not state:
+                state = {"exp_avg": torch.zeros_like(p, dtype=torch.float32),
+                         "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32), "step": torch.tensor(0.0)}
+                optimizer.state[p] = state
+            for moment in ("exp_avg", "exp_avg_sq"):
+                key = f"optimizer.{moment}.{canonical_name(m, name)}"
+                out[key] = _sharded_tensor(key, state[moment], p)
+    return out
+
+
+def _optimizer_step_count(optimizer: torch.optim.Optimizer) -> float:
+    for state in optimizer.state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
+                    optimizer: Optional[torch.optim.Optimizer], train_state: dict, cfg: Config) -> Path:
+    """Write iteration ``step`` under a temporary name and publish it by renaming (rank 0) once every rank
+    has finished; then point ``latest`` at it."""
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    final, tmp = _iter_dir(save_dir, step), Path(str(_iter_dir(save_dir, step)) + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # re-saving the same step (e.g. a rerun): replace it
+            shutil.rmtree(final)
+        tmp.mkdir()
+    dist.barrier()
+    state = model_sharded_state_dict(models)
+    if optimizer is not None:
+        state.update(optimizer_sharded_state_dict(models, optimizer))
+        state["optimizer_step"] = _optimizer_step_count(optimizer)
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+        save_config(cfg, tmp / "config.yaml")
+        os.replace(tmp, final)
+        latest_tmp = save_dir / (LATEST + ".tmp")
+        latest_tmp.write_text(str(step))
+        os.replace(latest_tmp, save_dir / LATEST)
+    dist.barrier()
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Optional[Path]:
+    """A checkpoint directory from a path that is either one (``iter_*``) or a run dir (its latest)."""
+    path = Path(path)
+    if (path / "train_state.json").is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        candidate = _iter_dir(path, int(latest.read_text().strip()))
+        if (candidate / "train_state.json").is_file():
+            return candidate
+    complete = sorted(p for p in path.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                      and (p / "train_state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[torch.optim.Optimizer]
+                    ) -> dict:
+    """Load weights (and, given an optimizer, its moments) into this rank's shards; return train_state."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "train_state.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: not a complete engmoe checkpoint (train_state.json missing)")
+    request = model_sharded_state_dict(models)
+    if optimizer is not None:
+        request.update(optimizer_sharded_state_dict(models, optimizer))
+        request["optimizer_step"] = 0.0
+    loaded = dist_checkpointing.load(request, str(ckpt))
+    with torch.no_grad():
+        for m in models:
+            for name, p in m.named_parameters():
+                p.copy_(loaded[f"model.{canonical_name(m, name)}"])
+                if optimizer is not None:
+                    state = optimizer.state[p]
+                    for moment in ("exp_avg", "exp_avg_sq"):
+                        state[moment].copy_(loaded[f"optimizer.{moment}.{canonical_name(m, name)}"])
+                    state["step"] = torch.tensor(float(loaded.get("optimizer_step", 0.0)))
+    return json.loads((ckpt / "train_state.json").read_text())

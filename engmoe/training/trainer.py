@@ -1,0 +1,264 @@
+"""The training loop: megatron-core's forward-backward schedule around our model, our optimizer step.
+
+One step = the global batch of this step (batch ramp) split into micro-batches per data-parallel rank,
+run by megatron-core's schedule (no pipelining, or 1F1B over the pipeline group), then gradients are
+synchronised, the global grad norm computed, non-finite steps skipped (or the run stopped), gradients
+clipped, and AdamW applied with the scheduled LR. Mixed precision on GPU: fp32 parameters and optimizer
+state (the master weights) with bf16 autocast for the matmuls.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from engmoe.config import Config
+from engmoe.model import build_model, count_parameters, model_flops_per_token
+from engmoe.parallel import initialize_parallel
+from engmoe.parallel.cpu_compat import cuda_to_cpu
+from engmoe.training import checkpoint as ckpt
+from engmoe.training.data import build_train_data, rank_microbatches
+from engmoe.training.metrics import (SpikeDetector, TensorBoard, device_peak_flops, expert_load_extremes,
+                                     format_line, mfu)
+from engmoe.training.optimizer import build_optimizer, clip_gradients, grad_norm, sync_gradients
+from engmoe.training.schedules import global_batch_at, lr_at, microbatches
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss with nan_policy=stop, too many skipped steps)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    total_flops: float = 0.0
+    device_hours: float = 0.0
+    stage: str = ""
+    losses: list = field(default_factory=list)  # (step, lm loss) per step, for tests and plots
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    mask = loss_mask.to(per_token.dtype)
+    loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    return loss, {"lm loss": loss.detach().clone()}  # megatron divides `loss` in place by num_microbatches
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: Optional[str] = None, exit_after: Optional[int] = None,
+                 log=print):
+        self.cfg = cfg
+        self.log_fn = log
+        self.exit_after = exit_after
+        self.env = initialize_parallel(cfg.parallel, cfg.model.num_layers)
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        torch.manual_seed(cfg.stage.seed)
+        self.device = self.env.device
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and cfg.stage.precision == "bf16" else contextlib.nullcontext())
+        self.model = build_model(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=self.device)
+        self.models = [self.model]
+        self.optimizer = build_optimizer(self.models, cfg.optimizer)
+        self.data = build_train_data(cfg, self.device)
+        self.state = TrainState(stage=cfg.stage.name)
+        self.save_dir = Path(cfg.stage.save_dir)
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = device_peak_flops(self.device)
+        self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last pipeline stage holds the loss
+        self.tb = TensorBoard(str(self.save_dir / "tensorboard") if (self.is_logger and cfg.stage.tensorboard) else None)
+        self.spikes = SpikeDetector(factor=cfg.stage.spike_factor)
+        self._stop_signal = False
+        self._restore(resume)
+        self.log(f"engmoe: stage {cfg.stage.name} | model {cfg.model.name} ({count_parameters(cfg.model).summary()}) | "
+                 f"world {self.env.world_size} = tp{self.env.tp}·pp{self.env.pp}·cp{self.env.cp}·dp{self.env.dp} "
+                 f"(ep{self.env.ep}) | {self.device} | data: {self.data.description}")
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.is_logger:
+            self.log_fn(msg, flush=True) if self.log_fn is print else self.log_fn(msg)
+
+    def _restore(self, resume: Optional[str]) -> None:
+        stage = self.cfg.stage
+        found = ckpt.find_checkpoint(self.save_dir) if resume == "auto" else (
+            ckpt.find_checkpoint(resume) if resume else None)
+        if resume and resume != "auto" and found is None:
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there")
+        if found is not None:
+            saved = ckpt.load_checkpoint(found, self.models, self.optimizer)
+            self.state = TrainState(**saved["trainer"])
+            self.log(f"resumed from {found} at step {self.state.step} ({self.state.consumed_samples} samples)")
+            return
+        if stage.init_from:
+            source = ckpt.find_checkpoint(stage.init_from)
+            if source is None:
+                raise FileNotFoundError(f"stage.init_from={stage.init_from}: no complete checkpoint there")
+            keep_optimizer = not self.cfg.optimizer.reset_on_stage_start
+            saved = ckpt.load_checkpoint(source, self.models, self.optimizer if keep_optimizer else None)
+            prev = saved["trainer"]
+            self.state.total_flops, self.state.device_hours = prev["total_flops"], prev["device_hours"]
+            self.log(f"stage {stage.name} starts from {source} (stage {prev['stage']}, step {prev['step']}); "
+                     f"optimizer and schedule {'kept' if keep_optimizer else 'fresh'}")
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        with self.autocast:
+            out = model(batch["tokens"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                        labels=batch["labels"])
+        if not model.post_process:
+            return out, lambda t: (t.sum() * 0, {})
+        return out.loss, partial(_loss_func, batch["loss_mask"])
+
+    def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fb = get_forward_backward_func()
+        with cuda_to_cpu():
+            return fb(forward_step_func=self._forward_step, data_iterator=iter(batches), model=self.models,
+                      num_microbatches=len(batches), seq_length=self.cfg.data.seq_len,
+                      micro_batch_size=self.cfg.stage.micro_batch, forward_only=forward_only)
+
+    def _pp_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        group = self.ps.get_pipeline_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(t, op=op, group=group)
+        return t
+
+    def _dp_mean(self, value: float) -> float:
+        group = self.ps.get_data_parallel_group(with_context_parallel=True)
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(t, group=group)
+            t /= dist.get_world_size(group)
+        return t.item()
+
+    def train_step(self) -> dict:
+        cfg, st = self.cfg, self.state
+        gb = global_batch_at(st.step, cfg.stage)
+        n_micro = microbatches(gb, cfg.stage.micro_batch, self.env.dp)
+        batches = rank_microbatches(self.data.train, st.consumed_samples, gb, cfg.stage.micro_batch,
+                                    self.ps.get_data_parallel_rank(), self.env.dp)
+        lr = lr_at(st.step, cfg.optimizer, cfg.stage.train_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.set_aux_loss_scale(1.0 / n_micro)
+        self.model.train()
+        losses = self._run_schedule(batches, forward_only=False)
+        sync_gradients(self.models)
+        norm = grad_norm(self.models)
+        lm = sum(d["lm loss"].item() for d in losses) / len(losses) if losses else 0.0
+        lm_t = self._pp_reduce(torch.tensor(lm if self.model.post_process else 0.0, dtype=torch.float64,
+                                            device=self.device))
+        lm = self._dp_mean(lm_t.item())
+        finite = math.isfinite(norm) and math.isfinite(lm)
+        if finite:
+            clip_gradients(self.models, cfg.optimizer.clip_grad, norm)
+            self.optimizer.step()
+        else:
+            st.skipped_steps += 1
+            self.log(f"step {st.step + 1}: non-finite {'loss' if not math.isfinite(lm) else 'grad norm'} "
+                     f"(loss {lm}, grad norm {norm}); nan_policy={cfg.stage.nan_policy}")
+            if cfg.stage.nan_policy == "stop":
+                raise TrainingStopped(f"non-finite loss/grad norm at step {st.step + 1}")
+        stats = [m.last_stats for m in self.model.moe_layers()]
+        aux = self._pp_reduce(torch.tensor(sum(s["aux_loss"].item() for s in stats), dtype=torch.float64,
+                                           device=self.device))
+        lo, hi = expert_load_extremes(torch.stack([s["tokens_per_expert"] for s in stats]))
+        lo = self._pp_reduce(torch.tensor(lo, device=self.device), dist.ReduceOp.MIN).item()
+        hi = self._pp_reduce(torch.tensor(hi, device=self.device), dist.ReduceOp.MAX).item()
+        st.step += 1
+        st.consumed_samples += gb
+        st.losses.append([st.step, lm])
+        del st.losses[:-10000]  # keep the checkpointed history bounded
+        return {"step": st.step, "lm_loss": lm, "aux_loss": self._dp_mean(aux.item()), "lr": lr, "grad_norm": norm,
+                "global_batch": gb, "tokens": gb * cfg.data.seq_len, "expert_load_min": lo, "expert_load_max": hi,
+                "finite": finite}
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        cfg = self.cfg
+        if self.data.valid is None or len(self.data.valid) == 0:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(cfg.stage.eval_batches):
+            gb = cfg.stage.micro_batch * self.env.dp
+            batches = rank_microbatches(self.data.valid, i * gb, gb, cfg.stage.micro_batch,
+                                        self.ps.get_data_parallel_rank(), self.env.dp)
+            out = self._run_schedule(batches, forward_only=True)
+            for d in out:
+                total += d["lm loss"].item()
+                count += 1
+        mean = total / count if count else 0.0
+        loss = self._pp_reduce(torch.tensor(mean if self.model.post_process else 0.0, dtype=torch.float64,
+                                            device=self.device)).item()
+        return self._dp_mean(loss)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def save(self) -> None:
+        ckpt.save_checkpoint(self.save_dir, self.state.step, self.models, self.optimizer,
+                             {"trainer": asdict(self.state)}, self.cfg)
+        self.log(f"saved checkpoint {ckpt._iter_dir(self.save_dir, self.state.step)}")
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    def train(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        try:
+            signal.signal(signal.SIGTERM, self._on_signal)  # SLURM pre-emption: save, then exit
+        except ValueError:
+            pass  # not the main thread
+        interval_t0, interval_tokens, consecutive_skips = time.time(), 0, 0
+        steps_this_run = 0
+        while st.step < cfg.stage.train_steps:
+            m = self.train_step()
+            steps_this_run += 1
+            interval_tokens += m["tokens"]
+            st.total_flops += self.flops_per_token * m["tokens"]
+            consecutive_skips = 0 if m["finite"] else consecutive_skips + 1
+            if consecutive_skips >= cfg.stage.max_consecutive_skips:
+                raise TrainingStopped(f"{consecutive_skips} consecutive non-finite steps at step {st.step}")
+            if self.spikes(m["lm_loss"]):
+                self.log(f"step {st.step}: loss spike {m['lm_loss']:.4f} (> {cfg.stage.spike_factor}× running mean)")
+            last = st.step == cfg.stage.train_steps
+            if st.step % cfg.stage.log_interval == 0 or last:
+                elapsed = max(time.time() - interval_t0, 1e-9)
+                st.device_hours += elapsed * self.env.world_size / 3600
+                tps = interval_tokens / elapsed
+                per_dev = self.flops_per_token * tps / self.env.world_size
+                m.update(loss=m["lm_loss"] + m["aux_loss"], tokens_per_s=tps,
+                         tflops_per_device=per_dev / 1e12 if self.device.type == "cuda" else None,
+                         mfu=mfu(per_dev, self.peak), skipped=st.skipped_steps,
+                         total_flops=st.total_flops, device_hours=st.device_hours)
+                self.log(format_line(m))
+                self.tb.log({k: v for k, v in m.items() if k != "finite"}, st.step)
+                interval_t0, interval_tokens = time.time(), 0
+            if st.step % cfg.stage.eval_interval == 0 or last:
+                valid = self.evaluate()
+                if valid is not None:
+                    self.log(f"step {st.step:>6} | validation loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
+                    self.tb.log({"valid_loss": valid, "valid_ppl": math.exp(min(valid, 50))}, st.step)
+            stop_now = self._stop_signal or (self.exit_after is not None and steps_this_run >= self.exit_after)
+            if st.step % cfg.stage.save_interval == 0 or last or stop_now:
+                self.save()
+            if stop_now:
+                self.log(f"stopping at step {st.step} ({'SIGTERM' if self._stop_signal else '--exit-after'})")
+                break
+        self.log(f"done: step {st.step}, {st.total_flops:.3e} training FLOPs, {st.device_hours:.4f} device-hours")
+        self.tb.close()
+        return st
