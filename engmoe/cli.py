@@ -44,6 +44,27 @@ def _smoke(args) -> int:
     return 0
 
 
+def _slurm(args) -> int:
+    from pathlib import Path
+
+    from engmoe import slurm
+
+    extra = {"partition": args.partition, "time": args.time, "workdir": args.workdir, "env_setup": args.env_setup,
+             "extra_args": " ".join(args.extra)}
+    if args.job == "pretrain":
+        text = slurm.render("pretrain.sbatch", slurm.pretrain_values(args.stage, args.nodes, args.gpus_per_node, **extra))
+    else:
+        text = slurm.render("tokenize.sbatch", slurm.tokenize_values(**extra))
+    if args.out:
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+        print(f"wrote {args.out}: submit with `sbatch {args.out}`")
+    else:
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,7 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(fn=_smoke)
-    args = parser.parse_args(argv)
+    j = sub.add_parser("slurm", help="render an sbatch script (pretrain per stage, or tokenize); "
+                       "arguments after -- are passed to the job")
+    j.add_argument("job", choices=["pretrain", "tokenize"])
+    j.add_argument("--stage", default="1")
+    j.add_argument("--nodes", type=int, default=None, help="default: the report's count for the stage")
+    j.add_argument("--gpus-per-node", type=int, default=4)
+    j.add_argument("--partition", default=None)
+    j.add_argument("--time", default=None)
+    j.add_argument("--workdir", default=None)
+    j.add_argument("--env-setup", default=None, help="shell line run before training (module load, venv)")
+    j.add_argument("--out", default=None)
+    j.set_defaults(fn=_slurm)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # everything after -- goes to the job
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
     return args.fn(args)
 
 

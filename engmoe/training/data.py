@@ -61,8 +61,7 @@ def build_train_data(cfg: Config, device: torch.device) -> TrainData:
 
     seq = cfg.data.seq_len
     n_train = samples_needed(cfg)
-    evals = max(cfg.stage.train_steps // cfg.stage.eval_interval, 1) + 1
-    n_valid = cfg.stage.eval_batches * cfg.stage.global_batch * evals
+    n_valid = cfg.stage.eval_batches * cfg.stage.global_batch
     if cfg.data.blend is None:
         from engmoe.data_prep.demo import ensure_demo_corpus
 

@@ -195,8 +195,8 @@ class Trainer:
             return None
         self.model.eval()
         total, count = 0.0, 0
+        gb = cfg.stage.global_batch  # the same samples whatever the layout
         for i in range(cfg.stage.eval_batches):
-            gb = cfg.stage.micro_batch * self.env.dp
             batches = rank_microbatches(self.data.valid, i * gb, gb, cfg.stage.micro_batch,
                                         self.ps.get_data_parallel_rank(), self.env.dp)
             out = self._run_schedule(batches, forward_only=True)
