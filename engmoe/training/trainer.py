@@ -225,6 +225,11 @@ class Trainer:
             pass  # not the main thread
         interval_t0, interval_tokens, consecutive_skips = time.time(), 0, 0
         steps_this_run = 0
+        if st.step == 0:  # the starting point, so the curve shows what training bought
+            valid = self.evaluate()
+            if valid is not None:
+                self.log(f"step {0:>6} | validation loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
+                self.tb.log({"valid_loss": valid}, 0)
         while st.step < cfg.stage.train_steps:
             m = self.train_step()
             steps_this_run += 1

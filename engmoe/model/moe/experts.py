@@ -29,4 +29,5 @@ class GroupedExperts(nn.Module):
             p.allreduce = False  # type: ignore[attr-defined]  # megatron: expert grads reduce over expert-DP
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, kernels: MoEKernels) -> torch.Tensor:
-        return kernels.grouped_mlp(x, tokens_per_expert, self.w13, self.w2)
+        # fp32 master weights under bf16 autocast: the GEMMs run in the activations' dtype
+        return kernels.grouped_mlp(x, tokens_per_expert, self.w13.to(x.dtype), self.w2.to(x.dtype))
