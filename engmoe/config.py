@@ -188,6 +188,8 @@ class DataConfig:
     tokenizer: Optional[str] = None
     # Training sequence length; null means model.max_seq_len.
     seq_len: Optional[int] = None
+    # Random tokens instead of a corpus (throughput benchmarks, like Megatron's --mock-data).
+    mock: bool = False
     # Packed chat data with document masks and loss masks (mid-training).
     packed: bool = False
     num_workers: int = 2
@@ -215,6 +217,8 @@ class StageConfig:
     eval_batches: int = 10
     save_interval: int = 1000
     save_dir: str = "runs/default"
+    # False: never write checkpoints (throughput benchmarks).
+    save: bool = True
     # Non-finite loss or grad norm: skip the update (and count it) or stop the run.
     nan_policy: Literal["skip", "stop"] = "skip"
     # Stop after this many skipped updates in a row (a run that only skips is broken).

@@ -11,6 +11,8 @@ def wants_demo(cfg: Config, args) -> bool:
     user_data = any(s.startswith("data.") for s in args.set) or bool(args.config)
     if user_data:
         return False
+    if cfg.data.mock:
+        return False
     root = cfg.data.data_root
     return root is None or not Path(root).exists()
 

@@ -48,6 +48,22 @@ def rank_microbatches(dataset, consumed: int, global_batch: int, micro_batch: in
     return batches
 
 
+class MockDataset:
+    """Deterministic random token sequences (sample i is a pure function of (seed, i))."""
+
+    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        text = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
+        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.seq_len),
+                "position_ids": torch.arange(self.seq_len)}
+
+
 def samples_needed(cfg: Config) -> int:
     from engmoe.training.schedules import global_batch_at
 
@@ -56,12 +72,16 @@ def samples_needed(cfg: Config) -> int:
 
 def build_train_data(cfg: Config, device: torch.device) -> TrainData:
     """Datasets for ``cfg``: the configured blend, or the demo corpus when ``data.blend`` is unset."""
-    from engmoe.data.datasets import build_gpt_datasets
-    from engmoe.data.tokenizer import load_tokenizer
-
     seq = cfg.data.seq_len
     n_train = samples_needed(cfg)
     n_valid = cfg.stage.eval_batches * cfg.stage.global_batch
+    if cfg.data.mock:
+        vocab = cfg.model.vocab_size
+        return TrainData(MockDataset(n_train, seq, vocab, cfg.stage.seed), MockDataset(n_valid, seq, vocab, cfg.stage.seed + 1),
+                         None, "mock (random tokens)")
+    from engmoe.data.datasets import build_gpt_datasets
+    from engmoe.data.tokenizer import load_tokenizer
+
     if cfg.data.blend is None:
         from engmoe.data_prep.demo import ensure_demo_corpus
 

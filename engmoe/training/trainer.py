@@ -259,7 +259,7 @@ class Trainer:
                     self.log(f"step {st.step:>6} | validation loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
                     self.tb.log({"valid_loss": valid, "valid_ppl": math.exp(min(valid, 50))}, st.step)
             stop_now = self._stop_signal or (self.exit_after is not None and steps_this_run >= self.exit_after)
-            if st.step % cfg.stage.save_interval == 0 or last or stop_now:
+            if cfg.stage.save and (st.step % cfg.stage.save_interval == 0 or last or stop_now):
                 self.save()
             if stop_now:
                 self.log(f"stopping at step {st.step} ({'SIGTERM' if self._stop_signal else '--exit-after'})")
