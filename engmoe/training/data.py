@@ -70,8 +70,22 @@ def samples_needed(cfg: Config) -> int:
     return sum(global_batch_at(s, cfg.stage) for s in range(cfg.stage.train_steps))
 
 
+def _rank0_first(fn):
+    """Run ``fn`` on global rank 0 first (it may build files), then on the other ranks (which load them)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    result = fn() if dist.get_rank() == 0 else None
+    dist.barrier()
+    if dist.get_rank() != 0:
+        result = fn()
+    return result
+
+
 def build_train_data(cfg: Config, device: torch.device) -> TrainData:
-    """Datasets for ``cfg``: the configured blend, or the demo corpus when ``data.blend`` is unset."""
+    """Datasets for ``cfg``: mock tokens, the configured blend (text or packed chat), or the demo corpus
+    when ``data.blend`` is unset."""
     seq = cfg.data.seq_len
     n_train = samples_needed(cfg)
     n_valid = cfg.stage.eval_batches * cfg.stage.global_batch
@@ -79,17 +93,22 @@ def build_train_data(cfg: Config, device: torch.device) -> TrainData:
         vocab = cfg.model.vocab_size
         return TrainData(MockDataset(n_train, seq, vocab, cfg.stage.seed), MockDataset(n_valid, seq, vocab, cfg.stage.seed + 1),
                          None, "mock (random tokens)")
-    from engmoe.data.datasets import build_gpt_datasets
+    from engmoe.data.datasets import build_gpt_datasets, build_packed_datasets, megatron_cache_dir
     from engmoe.data.tokenizer import load_tokenizer
 
     if cfg.data.blend is None:
         from engmoe.data_prep.demo import ensure_demo_corpus
 
-        demo = ensure_demo_corpus(Path(cfg.data.data_root or DEMO_DIR))
+        demo = _rank0_first(lambda: ensure_demo_corpus(Path(cfg.data.data_root or DEMO_DIR)))
         tokenizer = load_tokenizer(cfg.data.tokenizer or demo.tokenizer_path)
-        train, valid, _ = build_gpt_datasets(demo.train_blend, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed,
-                                             valid_blend=demo.valid_blend)
-        desc = f"demo corpus at {demo.root}"
+        if cfg.data.packed:
+            train, valid, _ = build_packed_datasets(demo.chat_train_blend, seq, (n_train, n_valid),
+                                                    valid_blend=demo.chat_valid_blend)
+            desc = f"demo chat conversations (packed) at {demo.root}"
+        else:
+            train, valid, _ = _rank0_first(lambda: build_gpt_datasets(
+                demo.train_blend, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed, valid_blend=demo.valid_blend))
+            desc = f"demo corpus at {demo.root}"
     else:
         from engmoe.data.blend import load_blend, resolve_blend
 
@@ -97,9 +116,23 @@ def build_train_data(cfg: Config, device: torch.device) -> TrainData:
             raise ConfigError("data.tokenizer: a tokenizer JSON path is required with data.blend")
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         resolved = resolve_blend(load_blend(cfg.data.blend), cfg.data.data_root)
-        train, valid, _ = build_gpt_datasets(resolved, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed)
-        desc = f"blend {cfg.data.blend}"
+        _check_tokenizer_matches(resolved, tokenizer, cfg.data.blend)
+        if cfg.data.packed:
+            train, valid, _ = build_packed_datasets(resolved, seq, (n_train, n_valid))
+        else:
+            cache = megatron_cache_dir(cfg.data.data_root)
+            train, valid, _ = _rank0_first(lambda: build_gpt_datasets(resolved, tokenizer, seq, (n_train, n_valid, 0),
+                                                                      cfg.stage.seed, cache_dir=cache))
+        desc = f"blend {cfg.data.blend} ({resolved.tokens:,} tokens in {len(resolved.datasets)} datasets)"
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocab_size={tokenizer.vocab_size} ({cfg.data.tokenizer or 'demo tokenizer'})")
     return TrainData(train, valid, tokenizer, desc)
+
+
+def _check_tokenizer_matches(resolved, tokenizer, blend_path: str) -> None:
+    """Shards tokenized with another tokenizer would train on garbage: refuse them."""
+    for ds in resolved.datasets:
+        if ds.tokenizer_sha256 is not None and ds.tokenizer_sha256 != tokenizer.sha256:
+            raise ConfigError(f"data.tokenizer: {tokenizer.path} (sha256 {tokenizer.sha256[:12]}…) is not the tokenizer "
+                              f"dataset {ds.name!r} of {blend_path} was tokenized with (sha256 {ds.tokenizer_sha256[:12]}…)")

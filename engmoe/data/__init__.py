@@ -1,0 +1,1 @@
+"""What training reads: the tokenizer, megatron indexed datasets and blends, packed chat sequences."""
