@@ -34,3 +34,11 @@ def single_rank():
     from engmoe.parallel import initialize_parallel
 
     return initialize_parallel(ParallelConfig())
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The built-in demo corpus, built once per test session (the real build: wiki extract, BPE, datatrove)."""
+    from engmoe.data_prep.demo import ensure_demo_corpus
+
+    return ensure_demo_corpus(tmp_path_factory.mktemp("demo") / "demo")

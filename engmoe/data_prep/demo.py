@@ -82,6 +82,8 @@ def _english_documents() -> Iterator[dict]:
 
 def _clean_wiki(text: str) -> str:
     text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
+    text = re.sub(r"<ref[^>]*?/>|<ref[^>]*>.*?(?:</ref>|$)", "", text, flags=re.DOTALL | re.MULTILINE)
+    text = re.sub(r"\{\{[^\n]*", "", text)  # an unbalanced template the parser left as text
     text = re.sub(r"\n{3,}", "\n\n", text)
     text = "\n".join(line.rstrip() for line in text.splitlines() if not line.strip().startswith(("thumb|", "|")))
     return text.strip()
@@ -195,18 +197,21 @@ def _tokens(dataset_dir: Path) -> int:
 
 def _build_chat(out: Path, conversations: list[tuple[str, list[str]]], seq_len: int) -> None:
     """Italian dialogues as user/assistant ChatML conversations, packed for the mid-training demo."""
-    from engmoe.data.packing import write_packed
+    from engmoe.data.chat import ChatRenderer
+    from engmoe.data.packing import write_packed_dataset
     from engmoe.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(out / "tokenizer.json")
+    renderer = ChatRenderer(tok)
     chats = []
-    for i, (topic, turns) in enumerate(conversations):
+    for topic, turns in conversations:
         messages = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)]
         if len(messages) % 2 == 1:
             messages = messages[:-1]
-        chats.append({"messages": messages, "reasoning_lang": "ita", "enable_thinking": i % 3 == 0})
+        chats.append(renderer.render({"messages": messages, "enable_thinking": False}, where=f"chatterbot-it/{topic}"))
     train, valid = _split(chats, 10)
     for name, records in (("train", train), ("valid", valid)):
-        write_packed(records, tok, out / "chat" / name, seq_len)
+        write_packed_dataset(records, out / "chat" / name, seq_len, pad_id=tok.pad, vocab_size=tok.vocab_size,
+                             tokenizer_sha256=tok.sha256)
         write_blend(out / f"blend_chat_{name}.yaml", f"demo-chat-{name}",
                     {"chat-it": {"weight": 1, "prefixes": [f"chat/{name}"]}}, split="1,0,0")

@@ -36,7 +36,7 @@ def _write_jsonl(path: Path, records, opener=open) -> Path:
 def tokenizer_path(tmp_path_factory):
     from engmoe.data_prep.tokenizer_build import train_bpe_tokenizer
 
-    return train_bpe_tokenizer([" ".join(WORDS)] * 50, 400, tmp_path_factory.mktemp("tok") / "tok.json")
+    return train_bpe_tokenizer([" ".join(WORDS)] * 50, 350, tmp_path_factory.mktemp("tok") / "tok.json")
 
 
 @pytest.fixture()
@@ -234,3 +234,21 @@ def test_cli_tokenize_and_check_blend(corpus, tmp_path, tokenizer_path):
     tokens = load_manifest(tmp_path / "tok" / "toy" / "manifest.json")["tokens"]
     row = next(line for line in chk.stdout.splitlines() if line.startswith("| toy"))
     assert f"{0.75e6 / tokens:.2f}" in row  # epochs = weight share × budget / tokens on disk
+
+
+def test_copyright_filter_in_the_job_drops_reports_and_writes_exclusions(tmp_path, tokenizer_path):
+    from engmoe.data_prep.copyright_filter import filter_report
+
+    src = tmp_path / "raw"
+    keep = _docs(20, 5)
+    risky = [{"id": f"news{i}", "text": f"story {i} " * 30, "metadata": {"url": f"https://www.nytimes.com/{i}.html"}}
+             for i in range(5)]
+    _write_jsonl(src / "a.jsonl", keep + risky)
+    manifest = run_job(_job(src, tmp_path / "out", tokenizer_path, copyright_threshold=0.4))
+    assert manifest["documents"] == 20 and manifest["filters"]["copyright"]["threshold"] == 0.4
+    excluded = list((tmp_path / "out" / "excluded" / "copyright").glob("*.jsonl.gz"))
+    assert excluded
+    dropped = [json.loads(line) for f in excluded for line in gzip.open(f, "rt")]
+    assert sorted(d["id"] for d in dropped) == sorted(d["id"] for d in risky)
+    report = filter_report(tmp_path / "out" / ".logs" / "tokenize")
+    assert "domain" in report and "5" in report

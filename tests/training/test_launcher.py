@@ -25,12 +25,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from engmoe.data_prep.demo import ensure_demo_corpus
-
-    root = tmp_path_factory.mktemp("demo")
-    ensure_demo_corpus(root)
-    return root
+def demo_root(demo_corpus):
+    return demo_corpus.root
 
 
 def _cmd(nproc, stage, run_dir, demo_root, *extra):
