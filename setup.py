@@ -32,15 +32,17 @@ def _cuda_extension():
         print("engmoe: no CUDA torch / nvcc / sources, CUDA extension engmoe._C skipped; "
               "the PyTorch reference kernels will be used", file=sys.stderr)
         return [], {}
-    archs = os.environ.get("ENGMOE_CUDA_ARCHS", "80;90a").split(";")
-    gencode = []
-    for arch in archs:
-        gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    # sm_80 (A100) and sm_90a (H100/H200); override e.g. ENGMOE_CUDA_ARCHS="90a" for a faster one-arch build.
+    archs = [a for a in os.environ.get("ENGMOE_CUDA_ARCHS", "80;90a").split(";") if a]
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
     ext = CUDAExtension(
         name="engmoe._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *gencode]},
+        include_dirs=[os.path.abspath("csrc")],
+        # no --use_fast_math: the router softmax and SwiGLU use accurate expf (they are memory-bound anyway)
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *gencode]},
     )
+    print(f"engmoe: building CUDA extension engmoe._C for {archs} from {sources}", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -70,6 +72,12 @@ setup(
             "tokenizers>=0.20",
             "pyarrow",
             "zstandard",
+            # the Tekken v3 vocabulary (build-tokenizer); pins numpy < 2.4, so it stays out of the runtime deps
+            "mistral-common",
+            # offline sources of the built-in demo corpus (English Wikipedia extract, Italian dialogues)
+            "gensim",
+            "mwparserfromhell",
+            "chatterbot-corpus",
         ],
         # test-only dependencies (transformers is the independent oracle for RoPE/YaRN and HF export)
         "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46"],
