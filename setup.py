@@ -62,6 +62,7 @@ setup(
         "pyyaml>=6",
         "tqdm",
         "tensorboard",
+        "psutil",  # megatron-core's checkpoint writer processes need it but do not declare it
     ],
     extras_require={
         # data preparation: datatrove pipelines, the Tekken tokenizer, demo corpus sources

@@ -107,7 +107,8 @@ def build_train_data(cfg: Config, device: torch.device) -> TrainData:
             desc = f"demo chat conversations (packed) at {demo.root}"
         else:
             train, valid, _ = _rank0_first(lambda: build_gpt_datasets(
-                demo.train_blend, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed, valid_blend=demo.valid_blend))
+                demo.train_blend, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed, valid_blend=demo.valid_blend,
+                cache_dir=megatron_cache_dir(demo.root)))
             desc = f"demo corpus at {demo.root}"
     else:
         from engmoe.data.blend import load_blend, resolve_blend
