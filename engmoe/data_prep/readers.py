@@ -23,6 +23,12 @@ class _Strict:
 
     on_error: OnError
 
+    def __init__(self, data_folder, *, on_error: OnError = "raise", **kwargs):
+        super().__init__(data_folder, **kwargs)  # the datatrove reader's own arguments
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+
     def _bad(self, message: str, stat: str) -> None:
         if self.on_error == "raise":
             raise DataError(message)
@@ -53,12 +59,6 @@ class StrictJsonlReader(_Strict, JsonlReader):
 
     name = "🐿 Jsonl (strict)"
 
-    def __init__(self, data_folder, *, on_error: OnError = "raise", **kwargs):
-        super().__init__(data_folder, **kwargs)
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
-        self.on_error = on_error
-
     def read_file(self, filepath: str):
         import orjson
 
@@ -85,12 +85,6 @@ class StrictParquetReader(_Strict, ParquetReader):
     """Parquet reader: a corrupt file or a missing/non-string text column raises (or is counted)."""
 
     name = "📒 Parquet (strict)"
-
-    def __init__(self, data_folder, *, on_error: OnError = "raise", **kwargs):
-        super().__init__(data_folder, **kwargs)
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
-        self.on_error = on_error
 
     def read_file(self, filepath: str):
         import pyarrow as pa
