@@ -1,8 +1,10 @@
 """Grouped-expert kernels: one Python front, several backends, the PyTorch reference as the oracle.
 
-``get_moe_kernels(name)`` returns an object with the four ops the MoE layer needs
-(``permute``, ``unpermute``, ``swiglu``, ``grouped_mlp``). The choice is made here and nowhere else.
+``get_moe_kernels(name)`` returns an object with the ops the MoE layer needs (``routing_maps``,
+``permute``, ``unpermute``, ``swiglu``, ``grouped_mlp``, ``router_topk``). The choice is made here and
+nowhere else (engmoe/kernels/backend.py); engmoe's own CUDA kernels live in ``csrc/`` and are wrapped
+as torch custom ops in ``engmoe.kernels.cuda_ops``.
 """
-from engmoe.kernels.backend import MoEKernels, available_backends, get_moe_kernels
+from engmoe.kernels.backend import GemmPlan, MoEKernels, available_backends, get_moe_kernels
 
-__all__ = ["MoEKernels", "available_backends", "get_moe_kernels"]
+__all__ = ["GemmPlan", "MoEKernels", "available_backends", "get_moe_kernels"]

@@ -1,20 +1,49 @@
 """Backend choice for the grouped-expert path, in one place.
 
-* ``reference`` — the PyTorch oracle (loop of per-expert matmuls); runs everywhere.
-* ``torch``     — ``torch._grouped_mm`` for the expert GEMMs (CUDA, bf16, sm_90+), reference dispatch.
-* ``grouped_gemm`` — the ``grouped_gemm`` package's GEMM when installed.
-* ``cuda``      — engmoe's own kernels from ``engmoe._C`` (csrc/) when built.
-* ``auto``      — the fastest of the above that is available for the tensors at hand, else reference.
+* ``reference``    — the PyTorch oracle (loop of per-expert matmuls, index_select dispatch); runs everywhere.
+* ``torch``        — ``torch._grouped_mm`` (autograd) for the expert GEMMs (CUDA, bf16, sm_90+), reference
+  dispatch and activation: what a user of plain PyTorch would write.
+* ``grouped_gemm`` — the ``grouped_gemm`` package's GEMMs (when importable), reference dispatch/activation.
+* ``cuda``         — engmoe's own kernels from ``engmoe._C`` (csrc/): counting-sort routing maps, scatter
+  permute, deterministic combine (+ probability gradient), fused SwiGLU (+ routing-probability scale),
+  fused softmax/top-k router, bf16 router GEMM with fp32 logits; expert GEMMs on the faster library per
+  GEMM kind and group size (``ENGMOE_GEMM_PLAN``, see ``DEFAULT_GEMM_PLAN``).
+* ``auto``         — the fastest of the above that is available here (order ``AUTO_ORDER``), else reference
+  (always on CPU).
+
+Every op of every backend falls back to the reference for tensors it cannot take (CPU, float64), so a
+backend is chosen once per layer and stays correct whatever the layer is fed.
+
+Op contract (all backends)::
+
+    routing_maps(topk_idx, E)                   -> sorted_slots, slot_to_row, tokens_per_expert
+    permute(x, sorted_slots, slot_to_row, k)    -> x in expert-sorted order            [T·k, H]
+    unpermute(y, slot_to_row, probs, top_k=None)-> Σ_j probs[t,j] · y[row(t,j)]         [T, H]   (probs None: plain sum)
+    swiglu(h, row_scale=None)                   -> silu(gate) · up (· row_scale)
+    grouped_mlp(x, counts, w13, w2, row_scale=None) -> (swiglu(x @ w13[e]) · row_scale) @ w2[e]
+    router_topk(logits, k, normalize)           -> probs, topk_probs, topk_idx
+    router_logits(x, w)                         -> fp32 logits x @ wᵀ
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from engmoe.kernels import reference
+from engmoe.kernels import cuda_ops, grouped, reference
+
+# Measured order (bench/KERNEL_NOTES.md): ours, then torch._grouped_mm, then grouped_gemm.
+AUTO_ORDER = ("cuda", "torch", "grouped_gemm")
+# GEMM library per kind for the ``cuda`` backend; override with ENGMOE_GEMM_PLAN ("auto", "torch",
+# "grouped_gemm" or "fwd,dgrad,wgrad"). "auto": torch._grouped_mm below 2048 rows per expert, grouped_gemm
+# for dgrad/wgrad above (when importable). Measured on H100 (bench/KERNEL_NOTES.md): at 8k tokens (1k rows
+# per expert) torch._grouped_mm wins every GEMM kind; at 32k tokens grouped_gemm's dgrad/wgrad are 5-15 %
+# faster, and the whole layer 1.1 ms (3 %) faster than all-torch, in two runs.
+DEFAULT_GEMM_PLAN = "auto"
+GemmPlan = grouped.GemmPlan
 
 
 @dataclass(frozen=True)
@@ -25,45 +54,83 @@ class MoEKernels:
     unpermute: Callable
     swiglu: Callable
     grouped_mlp: Callable
+    router_topk: Callable = field(default=reference.router_topk)
+    router_logits: Callable = field(default=reference.router_logits)
 
 
 REFERENCE = MoEKernels("reference", reference.routing_maps, reference.permute, reference.unpermute,
-                       reference.swiglu, reference.grouped_mlp)
+                       reference.swiglu, reference.grouped_mlp, reference.router_topk)
 
 
-def _torch_grouped_mlp(x, tokens_per_expert, w13, w2):
-    if x.device.type != "cuda" or x.dtype != torch.bfloat16:
-        return reference.grouped_mlp(x, tokens_per_expert, w13, w2)
+def _torch_grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None):
+    """What plain PyTorch users write: ``torch._grouped_mm`` with its own autograd, reference SwiGLU."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not grouped.torch_grouped_mm_usable():
+        return reference.grouped_mlp(x, tokens_per_expert, w13, w2, row_scale)
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
     h = torch._grouped_mm(x, w13, offs=offsets)
-    return torch._grouped_mm(reference.swiglu(h), w2, offs=offsets)
+    return torch._grouped_mm(reference.swiglu(h, row_scale), w2, offs=offsets)
 
 
 TORCH = MoEKernels("torch", reference.routing_maps, reference.permute, reference.unpermute,
-                   reference.swiglu, _torch_grouped_mlp)
+                   reference.swiglu, _torch_grouped_mlp, reference.router_topk)
+
+
+def _torch_grouped_mm_usable() -> bool:  # kept for callers of the old name
+    return grouped.torch_grouped_mm_usable()
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_grouped_mm_usable() -> bool:
-    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
-        return False
-    return torch.cuda.get_device_capability()[0] >= 9
+def _grouped_gemm_kernels() -> MoEKernels:
+    return MoEKernels("grouped_gemm", reference.routing_maps, reference.permute, reference.unpermute,
+                      reference.swiglu, grouped.make_grouped_mlp(GemmPlan("grouped_gemm", "grouped_gemm",
+                                                                          "grouped_gemm"), reference.swiglu),
+                      reference.router_topk)
+
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernels(plan_spec: str) -> MoEKernels:
+    plan = GemmPlan.parse(plan_spec).resolved()
+    return MoEKernels("cuda", cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
+                      grouped.make_grouped_mlp(plan, cuda_ops.swiglu), cuda_ops.router_topk, cuda_ops.router_logits)
+
+
+def _usable(name: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "torch":
+        return grouped.torch_grouped_mm_usable()
+    if name == "grouped_gemm":
+        return grouped.grouped_gemm_usable()
+    if name == "cuda":
+        return cuda_ops.available()
+    return False
 
 
 def available_backends() -> list[str]:
-    names = ["reference"]
-    if _torch_grouped_mm_usable():
-        names.append("torch")
-    return names
+    return [n for n in ("reference", "torch", "grouped_gemm", "cuda") if _usable(n)]
 
 
-def get_moe_kernels(name: str = "auto") -> MoEKernels:
+def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None) -> MoEKernels:
+    """The kernels for backend ``name``; an explicitly named backend that cannot run here is an error."""
+    if name == "auto":
+        for cand in AUTO_ORDER:
+            if _usable(cand):
+                return get_moe_kernels(cand, gemm_plan)
+        return REFERENCE
+    if name not in ("reference", "torch", "grouped_gemm", "cuda"):
+        raise RuntimeError(f"unknown kernel backend {name!r} (known: reference, torch, grouped_gemm, cuda, auto)")
+    if not _usable(name):
+        why = {
+            "torch": "needs torch._grouped_mm on a CUDA GPU with sm_90+",
+            "grouped_gemm": "needs the grouped_gemm package and a CUDA GPU",
+            "cuda": f"needs a CUDA GPU and the engmoe._C extension ({cuda_ops.load_error() or 'not built'})",
+        }[name]
+        raise RuntimeError(f"kernel backend {name!r} is not available here: {why} (available: {available_backends()})")
     if name == "reference":
         return REFERENCE
     if name == "torch":
-        if not _torch_grouped_mm_usable():
-            raise RuntimeError("kernel backend 'torch' needs torch._grouped_mm on a CUDA GPU with sm_90+")
         return TORCH
-    if name == "auto":
-        return TORCH if _torch_grouped_mm_usable() else REFERENCE
-    raise RuntimeError(f"kernel backend {name!r} is not available here (available: {available_backends()})")
+    if name == "grouped_gemm":
+        return _grouped_gemm_kernels()
+    return _cuda_kernels(gemm_plan or os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN))

@@ -46,19 +46,40 @@ def permute(x: torch.Tensor, sorted_slots: torch.Tensor, slot_to_row: torch.Tens
     return _Permute.apply(x, sorted_slots, slot_to_row, top_k)
 
 
-def unpermute(y: torch.Tensor, slot_to_row: torch.Tensor, topk_probs: torch.Tensor) -> torch.Tensor:
-    """Expert outputs ``y[T·k, H]`` → ``out[T, H] = Σ_j probs[t, j] · y[row(t, j)]`` (accumulated in at least fp32)."""
-    T, k = topk_probs.shape
+def unpermute(y: torch.Tensor, slot_to_row: torch.Tensor, topk_probs: torch.Tensor | None = None,
+              top_k: int | None = None) -> torch.Tensor:
+    """Expert outputs ``y[T·k, H]`` → ``out[T, H] = Σ_j probs[t, j] · y[row(t, j)]`` (accumulated in at least fp32).
+
+    ``topk_probs=None`` sums the k rows unweighted (then ``top_k`` is required): the combine for expert
+    outputs that were already scaled by their routing probability (``swiglu(..., row_scale=...)``).
+    """
+    if topk_probs is None:
+        if top_k is None:
+            raise ValueError("unpermute: top_k is required when topk_probs is None")
+        k = top_k
+    else:
+        k = topk_probs.shape[-1]
+    T = slot_to_row.numel() // k
     rows = y.index_select(0, slot_to_row).view(T, k, y.shape[-1])
     acc = torch.promote_types(y.dtype, torch.float32)
-    out = torch.einsum("tkh,tk->th", rows.to(acc), topk_probs.to(acc))
+    if topk_probs is None:
+        return rows.to(acc).sum(1).to(y.dtype)
+    out = torch.einsum("tkh,tk->th", rows.to(acc), topk_probs.reshape(T, k).to(acc))
     return out.to(y.dtype)
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``[N, 2F]`` (gate | up) → ``silu(gate) · up``, computed in (at least) fp32."""
-    gate, up = gate_up.to(torch.promote_types(gate_up.dtype, torch.float32)).chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
+def swiglu(gate_up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, 2F]`` (gate | up) → ``silu(gate) · up`` (· ``row_scale[:, None]`` when given), computed in (at least) fp32.
+
+    ``row_scale`` is the routing probability of each expert-sorted row: scaling here instead of in the
+    combine keeps the expert output out of the combine's backward (see engmoe/kernels/backend.py).
+    """
+    acc = torch.promote_types(gate_up.dtype, torch.float32)
+    gate, up = gate_up.to(acc).chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    if row_scale is not None:
+        act = act * row_scale.to(acc).reshape(-1, 1)
+    return act.to(gate_up.dtype)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -70,6 +91,22 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
     return torch.cat(outs, dim=0)
 
 
-def grouped_mlp(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts on expert-sorted rows: ``swiglu(x @ w13[e]) @ w2[e]``."""
-    return grouped_mm(swiglu(grouped_mm(x, w13, tokens_per_expert)), w2, tokens_per_expert)
+def grouped_mlp(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU experts on expert-sorted rows: ``(swiglu(x @ w13[e]) · row_scale) @ w2[e]``."""
+    return grouped_mm(swiglu(grouped_mm(x, w13, tokens_per_expert), row_scale), w2, tokens_per_expert)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits ``x @ weightᵀ`` in (at least) fp32: both operands upcast first."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.to(acc) @ weight.to(acc).t()
+
+
+def router_topk(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax over experts (in at least fp32) → top-k (→ renormalised top-k): ``(probs, topk_probs, topk_idx)``."""
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    topk_probs, topk_idx = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
+    return probs, topk_probs, topk_idx

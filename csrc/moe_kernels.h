@@ -1,0 +1,56 @@
+// engmoe grouped-expert kernels: launchers over raw pointers (no torch headers, so nvcc compiles fast).
+//
+// Layout conventions (see engmoe/kernels/reference.py):
+//   * T tokens, k routed slots per token; a "slot" s = t*k + j.
+//   * slot_to_row[s] is the row of the expert-sorted ("permuted") tensor that slot s occupies;
+//     sorted_slots is its inverse. A negative slot_to_row marks a dropped slot (ignored everywhere).
+//   * Every kernel writes each output element exactly once and reduces in a fixed order: no float
+//     atomics, so forward and backward are bitwise deterministic.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace engmoe {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// ---- routing: stable counting sort of (token, slot) pairs by expert id -------------------------------
+// idx: [n] expert ids (int32 or int64). Writes sorted_slots[n], slot_to_row[n], tokens_per_expert[E].
+// workspace: routing_workspace_elems(n, E) int32 entries.
+int64_t routing_workspace_elems(int64_t n, int num_experts);
+cudaError_t launch_routing_maps(const void* idx, bool idx_int64, int64_t n, int num_experts,
+                                int64_t* sorted_slots, int64_t* slot_to_row, int64_t* tokens_per_expert,
+                                int32_t* workspace, cudaStream_t stream);
+
+// ---- permute: out[slot_to_row[t*k+j], :] = x[t, :] (scatter form: x is read once) -------------------
+cudaError_t launch_permute(DType dt, const void* x, const int64_t* slot_to_row, void* out, int64_t T, int k,
+                           int64_t H, bool vec_ok, cudaStream_t stream);
+
+// ---- combine: out[t, :] = sum_j p[t, j] * y[slot_to_row[t*k+j], :]  (p == nullptr: p = 1) ------------
+cudaError_t launch_combine(DType dt, const void* y, const int64_t* slot_to_row, const float* probs, void* out,
+                           int64_t T, int k, int64_t H, bool vec_ok, cudaStream_t stream);
+
+// ---- combine backward: grad_y[slot_to_row[t*k+j], :] = p[t, j] * g[t, :];
+//      grad_probs[t, j] = <g[t, :], y[slot_to_row[t*k+j], :]>  (only when y and grad_probs are given) ---
+cudaError_t launch_combine_bwd(DType dt, const void* g, const void* y, const int64_t* slot_to_row,
+                               const float* probs, void* grad_y, float* grad_probs, int64_t T, int k, int64_t H,
+                               bool vec_ok, cudaStream_t stream);
+
+// ---- SwiGLU with optional per-row scale: out[r, f] = silu(h[r, f]) * h[r, F + f] * s[r] -----------------
+cudaError_t launch_swiglu(DType dt, const void* h, const float* scale, void* out, int64_t N, int64_t F, bool vec_ok,
+                          cudaStream_t stream);
+cudaError_t launch_swiglu_bwd(DType dt, const void* grad_out, const void* h, const float* scale, void* grad_h,
+                              float* grad_scale, int64_t N, int64_t F, bool vec_ok, cudaStream_t stream);
+
+// ---- router: softmax over E experts, top-k (ties: lower expert id first), optional renormalisation ------
+cudaError_t launch_topk_softmax(const float* logits, float* probs, float* topk_probs, int64_t* topk_idx, int64_t T,
+                                int E, int k, bool renorm, cudaStream_t stream);
+cudaError_t launch_topk_softmax_bwd(const float* grad_probs, const float* grad_topk, const float* probs,
+                                    const float* topk_probs, const int64_t* topk_idx, float* grad_logits, int64_t T,
+                                    int E, int k, bool renorm, cudaStream_t stream);
+
+constexpr int kMaxRoutingExperts = 1024;
+constexpr int kMaxRouterExperts = 256;
+
+}  // namespace engmoe
