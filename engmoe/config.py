@@ -133,26 +133,73 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout; the data-parallel size is derived as world / (tp · pp · cp)."""
+    """Parallel layout; the data-parallel size is derived as world / (tp · pp · cp).
+
+    Expert parallelism folds onto the other dimensions as in megatron-core: the ``expert`` group is
+    carved out of the tp·cp·dp ranks of a pipeline stage, so it may span data- and context-parallel ranks.
+    """
 
     tensor: int = 1
     pipeline: int = 1
+    # Model chunks per pipeline rank (megatron's interleaved 1F1B); null = plain 1F1B.
     virtual_pipeline: Optional[int] = None
     expert: int = 1
+    # Tensor parallelism inside the experts. Only 1 is implemented: experts are whole on a rank.
     expert_tensor: int = 1
     context: int = 1
+    # Required when tensor > 1 (MoE routes the tokens of a sequence shard, as megatron-core requires).
     sequence_parallel: bool = False
+    # ZeRO-1: each data-parallel rank keeps the Adam state of (and updates) only its shard of every
+    # gradient bucket; megatron-core DDP reduce-scatters the gradients and all-gathers the parameters.
     distributed_optimizer: bool = True
-    # Layers per pipeline stage, e.g. [11, 13]; None splits evenly (first stages get the remainder).
+    # Layers per pipeline stage, e.g. [11, 13]; with virtual_pipeline one entry per virtual stage
+    # (pipeline·virtual_pipeline entries, in virtual-stage order). None splits evenly.
     pipeline_layers: Optional[list[int]] = None
+    # megatron-core DDP: overlap the gradient reduction with the backward pass (bucket by bucket).
+    overlap_grad_reduce: bool = True
+    # Parameters per DDP gradient bucket; null = megatron's default max(4e7, 1e6·dp).
+    ddp_bucket_size: Optional[int] = None
 
     def validate(self, where: str = "parallel") -> None:
         for name in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
             _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.virtual_pipeline is not None:
             _check(self.virtual_pipeline >= 1, f"{where}.virtual_pipeline", "must be >= 1 or null")
+            _check(self.pipeline > 1, f"{where}.virtual_pipeline",
+                   f"virtual pipeline stages need pipeline > 1, got pipeline={self.pipeline}")
         _check(not self.sequence_parallel or self.tensor > 1, f"{where}.sequence_parallel",
                "needs tensor > 1")
+        _check(self.tensor == 1 or self.sequence_parallel, f"{where}.sequence_parallel",
+               f"must be true when tensor={self.tensor} > 1: the MoE layers route the sequence shard of each "
+               "tensor-parallel rank (megatron-core refuses MoE with TP and without SP for the same reason)")
+        _check(self.expert_tensor == 1, f"{where}.expert_tensor",
+               f"only 1 is implemented (experts are whole on a rank; use parallel.expert to shard them), "
+               f"got {self.expert_tensor}")
+        _check(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, f"{where}.ddp_bucket_size",
+               "must be >= 1 or null")
+
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per pipeline rank (1 without interleaving)."""
+        return self.virtual_pipeline or 1
+
+    def model_parallel_size(self) -> int:
+        """Ranks one model replica's dense part spans: tensor · pipeline · context."""
+        return self.tensor * self.pipeline * self.context
+
+    def check_world(self, world: int, where: str = "parallel") -> int:
+        """The data-parallel size for ``world`` ranks, or a ConfigError naming the field that does not fit."""
+        mp = self.model_parallel_size()
+        _check(world % mp == 0, where,
+               f"world size {world} is not divisible by tensor·pipeline·context = "
+               f"{self.tensor}·{self.pipeline}·{self.context} = {mp}")
+        per_stage = world // self.pipeline
+        expert_group = self.expert * self.expert_tensor
+        _check(per_stage % expert_group == 0, f"{where}.expert",
+               f"expert·expert_tensor = {expert_group} must divide the ranks of a pipeline stage "
+               f"(world/pipeline = {world}/{self.pipeline} = {per_stage}): the expert group folds onto the "
+               "tensor·context·data ranks")
+        return world // mp
 
 
 @dataclass
@@ -252,22 +299,41 @@ class Config:
         self.stage.validate("stage")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
-        par, m = self.parallel, self.model
-        _check(m.num_kv_heads % par.tensor == 0, "parallel.tensor",
-               f"{par.tensor} must divide model.num_kv_heads={m.num_kv_heads} (each tensor-parallel rank holds "
-               "whole KV groups)")
-        _check(m.moe.num_experts % par.expert == 0, "parallel.expert",
-               f"{par.expert} must divide model.moe.num_experts={m.moe.num_experts}")
-        _check(par.pipeline <= m.num_layers, "parallel.pipeline",
-               f"{par.pipeline} exceeds model.num_layers={m.num_layers}")
-        _check(self.data.seq_len % (2 * par.context) == 0 or par.context == 1, "data.seq_len",
-               f"{self.data.seq_len} must be a multiple of 2·parallel.context={2 * par.context}")
-        _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
-               f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        validate_layout(self)
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def validate_layout(cfg: "Config") -> None:
+    """Checks that tie the parallel layout to the model and data (world-size checks are in
+    ``ParallelConfig.check_world``, run when the process groups are created)."""
+    par, m = cfg.parallel, cfg.model
+    seq = cfg.data.seq_len if cfg.data.seq_len is not None else m.max_seq_len
+    _check(m.num_kv_heads % par.tensor == 0, "parallel.tensor",
+           f"{par.tensor} must divide model.num_kv_heads={m.num_kv_heads} (each tensor-parallel rank holds "
+           "whole KV groups; tensor parallelism beyond the KV heads would need KV replication)")
+    _check(m.moe.num_experts % par.expert == 0, "parallel.expert",
+           f"{par.expert} must divide model.moe.num_experts={m.moe.num_experts}")
+    stages = par.pipeline * par.virtual_stages
+    _check(stages <= m.num_layers, "parallel.pipeline",
+           f"pipeline·virtual_pipeline = {par.pipeline}·{par.virtual_stages} = {stages} exceeds "
+           f"model.num_layers={m.num_layers}")
+    if par.pipeline_layers is not None:
+        _check(len(par.pipeline_layers) == stages and sum(par.pipeline_layers) == m.num_layers
+               and min(par.pipeline_layers) >= 1, "parallel.pipeline_layers",
+               f"{par.pipeline_layers} must have pipeline·virtual_pipeline = {stages} positive entries summing "
+               f"to model.num_layers={m.num_layers}")
+    _check(not (m.tie_embeddings and par.pipeline > 1), "model.tie_embeddings",
+           "tied embeddings need the embedding and the output layer on one pipeline stage (pipeline = 1)")
+    _check(par.context == 1 or seq % (2 * par.context) == 0, "data.seq_len",
+           f"{seq} must be a multiple of 2·parallel.context={2 * par.context} (two chunks per context rank)")
+    local = seq // par.context
+    _check(not par.sequence_parallel or local % par.tensor == 0, "data.seq_len",
+           f"the sequence per context rank ({seq}/{par.context} = {local}) must be a multiple of "
+           f"parallel.tensor={par.tensor} for sequence parallelism")
+    _check(seq <= m.max_seq_len, "data.seq_len", f"{seq} exceeds model.max_seq_len={m.max_seq_len}")
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from engmoe.config import ConfigError, ModelConfig
 from engmoe.model.attention_backends import attention
 from engmoe.model.rope import apply_rotary
+from engmoe.parallel.context import context_parallel_attention
 
 
 class SelfAttention(nn.Module):
@@ -38,10 +39,14 @@ class SelfAttention(nn.Module):
         self.linear_proj = tensor_parallel.RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, config=layer_config,
             init_method=output_init_method, bias=False, input_is_parallel=True, skip_bias_add=False)
+        # megatron sets these only when it initialises the weights itself (we do our own init)
+        tensor_parallel.set_tensor_model_parallel_attributes(self.linear_qkv.weight, True, 0, 1)
+        tensor_parallel.set_tensor_model_parallel_attributes(self.linear_proj.weight, True, 1, 1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: ``[S, B, H]`` (``[S/tp, B, H]`` under sequence parallelism) → same shape."""
+                doc_ids: Optional[torch.Tensor] = None, cp_plan=None) -> torch.Tensor:
+        """x: ``[S, B, H]`` (``[S/tp, B, H]`` under sequence parallelism; S is this context rank's share
+        under context parallelism, whose ``cp_plan`` then says how to attend the whole sequence)."""
         qkv, _ = self.linear_qkv(x)
         S, B = qkv.shape[:2]
         qkv = qkv.view(S, B, self.local_kv, self.q_per_kv + 2, self.head_dim)
@@ -50,9 +55,11 @@ class SelfAttention(nn.Module):
         v = qkv[:, :, :, self.q_per_kv + 1]
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # backends take [B, S, heads, D]
-        out = attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), doc_ids=doc_ids,
-                        backend=self.cfg.attention_backend)
-        out = out.transpose(0, 1).reshape(S, B, self.local_q * self.head_dim)
+        if cp_plan is not None:
+            out = context_parallel_attention(q, k, v, cp_plan, doc_ids, self.cfg.attention_backend)
+        else:  # backends take [B, S, heads, D]
+            out = attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), doc_ids=doc_ids,
+                            backend=self.cfg.attention_backend).transpose(0, 1)
+        out = out.reshape(S, B, self.local_q * self.head_dim)
         out, _ = self.linear_proj(out)
         return out

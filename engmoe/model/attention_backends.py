@@ -1,9 +1,12 @@
 """Attention kernels behind one signature, and the one place that picks among them.
 
-Every backend takes ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]`` (GQA: Hq a multiple of Hkv), an optional
-``doc_ids [B, S]`` (tokens attend only within their own document: packed sequences) and returns
-``[B, S, Hq, D]``. Attention is always causal. ``auto`` prefers flash-attn, then transformer-engine, then
-FlexAttention for document masks on GPU, then PyTorch SDPA; ``naive`` is the explicit softmax, for tests.
+Every backend takes ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` (GQA: Hq a multiple of Hkv), an optional
+``doc_ids [B, Sq]`` (tokens attend only within their own document: packed sequences) and returns
+``[B, Sq, Hq, D]``. Attention is always causal. Usually ``Sq == Sk``; context parallelism also asks for
+``Sq < Sk``: the queries are then the *last* ``Sq`` positions of the ``Sk`` keys (bottom-right causal
+alignment, as flash-attn defines it), and ``kv_doc_ids [B, Sk]`` gives the keys' documents.
+``auto`` prefers flash-attn, then transformer-engine, then FlexAttention for document masks on GPU, then
+PyTorch SDPA; ``naive`` is the explicit softmax, for tests.
 """
 from __future__ import annotations
 
@@ -17,33 +20,45 @@ import torch.nn.functional as F
 AttentionFn = Callable[..., torch.Tensor]
 
 
-def doc_causal_mask(doc_ids: Optional[torch.Tensor], seq_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``[B or 1, 1, S, S]``: True where query i may attend key j (j ≤ i, same document)."""
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+def doc_causal_mask(doc_ids: Optional[torch.Tensor], seq_len: int, device: torch.device,
+                    kv_len: Optional[int] = None, kv_doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean ``[B or 1, 1, Sq, Sk]``: True where query i may attend key j — j ≤ i + (Sk − Sq) (queries are
+    the last Sq positions) and, with document ids, the same document."""
+    kv_len = seq_len if kv_len is None else kv_len
+    causal = torch.ones(seq_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - seq_len)
     if doc_ids is None:
         return causal[None, None]
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    kv_doc_ids = doc_ids if kv_doc_ids is None else kv_doc_ids
+    same_doc = doc_ids[:, :, None] == kv_doc_ids[:, None, :]
     return (same_doc & causal)[:, None]
 
 
-def naive_attention(q, k, v, doc_ids=None, scale=None):
+def _check_docs(doc_ids, kv_doc_ids, q, k):
+    if q.shape[1] != k.shape[1] and doc_ids is not None and kv_doc_ids is None:
+        raise ValueError("attention with fewer queries than keys and document ids needs kv_doc_ids")
+
+
+def naive_attention(q, k, v, doc_ids=None, scale=None, kv_doc_ids=None):
+    _check_docs(doc_ids, kv_doc_ids, q, k)
     B, S, Hq, D = q.shape
     rep = Hq // k.shape[2]
     scale = scale if scale is not None else D ** -0.5
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1), v.transpose(1, 2).repeat_interleave(rep, 1)
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = (qh.to(acc) @ kh.to(acc).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~doc_causal_mask(doc_ids, S, q.device), float("-inf"))
+    mask = doc_causal_mask(doc_ids, S, q.device, k.shape[1], kv_doc_ids)
+    scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ vh.to(acc)).to(q.dtype).transpose(1, 2)
 
 
-def sdpa_attention(q, k, v, doc_ids=None, scale=None):
+def sdpa_attention(q, k, v, doc_ids=None, scale=None, kv_doc_ids=None):
+    _check_docs(doc_ids, kv_doc_ids, q, k)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
-    if doc_ids is None:
+    if doc_ids is None and q.shape[1] == k.shape[1]:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        mask = doc_causal_mask(doc_ids, q.shape[1], q.device)
+        mask = doc_causal_mask(doc_ids, q.shape[1], q.device, k.shape[1], kv_doc_ids)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
@@ -55,21 +70,24 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention_fn(q, k, v, doc_ids=None, scale=None):
+def flex_attention_fn(q, k, v, doc_ids=None, scale=None, kv_doc_ids=None):
     """FlexAttention with a block-sparse causal(+document) mask: memory O(S) instead of O(S²)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    _check_docs(doc_ids, kv_doc_ids, q, k)
     B, S = q.shape[:2]
+    Sk = k.shape[1]
+    offset = Sk - S
     if doc_ids is None:
         def mask_mod(b, h, qi, ki):
-            return qi >= ki
-        mask = create_block_mask(mask_mod, None, None, S, S, device=q.device)
+            return qi + offset >= ki
+        mask = create_block_mask(mask_mod, None, None, S, Sk, device=q.device)
     else:
-        docs = doc_ids
+        docs, kv_docs = doc_ids, (doc_ids if kv_doc_ids is None else kv_doc_ids)
 
         def mask_mod(b, h, qi, ki):
-            return (qi >= ki) & (docs[b, qi] == docs[b, ki])
-        mask = create_block_mask(mask_mod, B, None, S, S, device=q.device)
+            return (qi + offset >= ki) & (docs[b, qi] == kv_docs[b, ki])
+        mask = create_block_mask(mask_mod, B, None, S, Sk, device=q.device)
     out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
                            scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
@@ -86,11 +104,14 @@ def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max().item())
 
 
-def flash_attention_fn(q, k, v, doc_ids=None, scale=None):
+def flash_attention_fn(q, k, v, doc_ids=None, scale=None, kv_doc_ids=None):
     import flash_attn
 
-    if doc_ids is None:
+    if doc_ids is None:  # flash-attn >= 2.1 aligns causal masks bottom-right when Sq < Sk
         return flash_attn.flash_attn_func(q, k, v, causal=True, softmax_scale=scale)
+    if q.shape[1] != k.shape[1]:
+        raise RuntimeError("attention_backend 'flash' does not take document masks with fewer queries than keys "
+                           "(context parallelism): use 'auto' or 'flex'")
     B, S = q.shape[:2]
     cu, max_len = doc_cu_seqlens(doc_ids)
     out = flash_attn.flash_attn_varlen_func(
@@ -111,12 +132,14 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, has_doc_mask: bool) -> str:
-    """The backend that will actually run for these inputs (``auto`` resolved; unusable ones refused)."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, has_doc_mask: bool,
+                    suffix_queries: bool = False) -> str:
+    """The backend that will actually run for these inputs (``auto`` resolved; unusable ones refused).
+    ``suffix_queries``: fewer queries than keys (context parallelism)."""
     on_gpu = device.type == "cuda"
     half = dtype in (torch.float16, torch.bfloat16)
     if name == "auto":
-        if on_gpu and half and _have("flash_attn"):
+        if on_gpu and half and _have("flash_attn") and not (has_doc_mask and suffix_queries):
             return "flash"
         if on_gpu and has_doc_mask and hasattr(torch.nn.attention, "flex_attention"):
             return "flex"
@@ -132,6 +155,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, has_doc
     return name
 
 
-def attention(q, k, v, doc_ids=None, scale=None, backend: str = "auto") -> torch.Tensor:
-    name = resolve_backend(backend, q.device, q.dtype, doc_ids is not None)
-    return BACKENDS[name](q, k, v, doc_ids=doc_ids, scale=scale)
+def attention(q, k, v, doc_ids=None, scale=None, backend: str = "auto", kv_doc_ids=None) -> torch.Tensor:
+    name = resolve_backend(backend, q.device, q.dtype, doc_ids is not None, q.shape[1] != k.shape[1])
+    if kv_doc_ids is None:
+        return BACKENDS[name](q, k, v, doc_ids=doc_ids, scale=scale)
+    return BACKENDS[name](q, k, v, doc_ids=doc_ids, scale=scale, kv_doc_ids=kv_doc_ids)

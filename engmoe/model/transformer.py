@@ -20,6 +20,7 @@ from engmoe.model.attention import SelfAttention
 from engmoe.model.moe import MoELayer
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding
+from engmoe.parallel.context import ContextParallelPlan
 
 
 @dataclass
@@ -44,7 +45,7 @@ def _normal_init(std: float):
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, layer_config, ep_size: int, ep_rank: int,
-                 device, dtype):
+                 device, dtype, ep_group=None, token_group=None):
         super().__init__()
         self.layer_number = layer_number
         std = cfg.init_std
@@ -52,22 +53,24 @@ class TransformerLayer(nn.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.attention = SelfAttention(cfg, layer_config, _normal_init(std), _normal_init(out_std))
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
-        self.mlp = MoELayer(cfg.hidden_size, cfg.moe, ep_size=ep_size, ep_rank=ep_rank, device=device, dtype=dtype)
+        self.mlp = MoELayer(cfg.hidden_size, cfg.moe, ep_size=ep_size, ep_rank=ep_rank, device=device, dtype=dtype,
+                            ep_group=ep_group, token_group=token_group)
 
-    def forward(self, x, rotary, doc_ids=None):
-        x = x + self.attention(self.input_norm(x), rotary, doc_ids)
+    def forward(self, x, rotary, doc_ids=None, cp_plan=None):
+        x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan)
         return x + self.mlp(self.post_attention_norm(x))
 
 
 def split_layers(num_layers: int, pp: int, pipeline_layers: Optional[list[int]] = None) -> list[int]:
-    """Layers per pipeline stage: explicit list, or as even as possible (earlier stages get extras)."""
+    """Layers per (virtual) pipeline stage: explicit list, or as even as possible (earlier stages get
+    extras). ``pp`` is the number of stages (pipeline · virtual_pipeline with interleaving)."""
     if pipeline_layers is not None:
         if len(pipeline_layers) != pp or sum(pipeline_layers) != num_layers or min(pipeline_layers) < 1:
             raise ConfigError(f"parallel.pipeline_layers={pipeline_layers} must have {pp} positive entries "
-                              f"summing to model.num_layers={num_layers}")
+                              f"(pipeline·virtual_pipeline) summing to model.num_layers={num_layers}")
         return list(pipeline_layers)
     if num_layers < pp:
-        raise ConfigError(f"parallel.pipeline={pp} exceeds model.num_layers={num_layers}")
+        raise ConfigError(f"parallel.pipeline (·virtual_pipeline) = {pp} stages exceed model.num_layers={num_layers}")
     base, extra = divmod(num_layers, pp)
     return [base + (1 if i < extra else 0) for i in range(pp)]
 
@@ -100,16 +103,25 @@ class EngMoEModel(nn.Module):
         self.padded_vocab_size = cfg.padded_vocab_size(tp)
         std = cfg.init_std
         ep_rank = ps.get_expert_model_parallel_rank() if parallel.expert > 1 else 0
+        ep_group = ps.get_expert_model_parallel_group() if parallel.expert > 1 else None
+        # the ranks that split a micro-batch's tokens (sequence parallel × context parallel)
+        token_group = ps.get_tensor_and_context_parallel_group() if parallel.tensor * parallel.context > 1 else None
+        self.cp_group = ps.get_context_parallel_group() if parallel.context > 1 else None
+        # megatron's finalize_model_grads asks: tied weights never span pipeline stages here
+        self.share_embeddings_and_output_weights = False
 
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 self.padded_vocab_size, cfg.hidden_size, init_method=_normal_init(std), config=layer_config,
                 reduce_scatter_embeddings=parallel.sequence_parallel)
             self.embedding.weight.vocab_rows = cfg.vocab_size
+            # megatron marks TP weights only when it initialises them itself (we do our own init)
+            tensor_parallel.set_tensor_model_parallel_attributes(self.embedding.weight, True, 0, 1)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
         n_local = cfg.num_layers if num_local_layers is None else num_local_layers
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg, layer_offset + i, layer_config, parallel.expert, ep_rank, device, params_dtype)
+            TransformerLayer(cfg, layer_offset + i, layer_config, parallel.expert, ep_rank, device, params_dtype,
+                             ep_group, token_group)
             for i in range(n_local))
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=params_dtype)
@@ -120,6 +132,7 @@ class EngMoEModel(nn.Module):
                 bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings)
             if not cfg.tie_embeddings:
                 self.output_layer.weight.vocab_rows = cfg.vocab_size
+                tensor_parallel.set_tensor_model_parallel_attributes(self.output_layer.weight, True, 0, 1)
         if parallel.sequence_parallel:
             for name, p in self.named_parameters():
                 if name.endswith("norm.weight") or name.endswith("router.weight"):
@@ -143,17 +156,26 @@ class EngMoEModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
         """input_ids, position_ids, doc_ids, labels: ``[B, S]``. Returns a ModelOutput on the last pipeline
-        stage and the hidden states ``[S, B, H]`` on the others."""
+        stage and the hidden states ``[S, B, H]`` on the others.
+
+        Under context parallelism every tensor holds this rank's share of the sequence
+        (``engmoe.parallel.context.shard_batch``), position ids included; outputs are per local token."""
         B, S = input_ids.shape
         if position_ids is None:
+            if self.cp_group is not None:
+                raise ValueError("context parallelism needs explicit position_ids (the global positions of this "
+                                 "rank's tokens): shard the batch with engmoe.parallel.context.shard_batch")
             position_ids = torch.arange(S, device=input_ids.device).unsqueeze(0).expand(B, S)
+        cp_plan = ContextParallelPlan.build(self.cp_group, doc_ids) if self.cp_group is not None else None
         if self.pre_process:
-            x = self.embedding(input_ids).transpose(0, 1).contiguous()  # [S(/tp), B, H]
+            x = self.embedding(input_ids)
+            if not self.parallel.sequence_parallel:  # with SP megatron's embedding returns [S/tp, B, H] already
+                x = x.transpose(0, 1).contiguous()  # [S, B, H]
         else:
             x = self.input_tensor
         rotary = self.rotary(position_ids)
         for layer in self.layers:
-            x = layer(x, rotary, doc_ids)
+            x = layer(x, rotary, doc_ids, cp_plan)
         if not self.post_process:
             return x
         x = self.final_norm(x)

@@ -1,7 +1,12 @@
-"""The one seam to megatron-core's distributed engine: process groups and layer configs.
+"""The one seam to megatron-core's distributed engine.
 
-Everything that touches ``megatron.core.parallel_state`` or builds a megatron ``ModelParallelConfig``
-goes through here, so the model and the trainer read as plain PyTorch.
+* ``state`` — process groups (``parallel_state``) for a validated layout, and the megatron layer config;
+* ``context`` — context parallelism: load-balanced sequence sharding and attention over the CP group;
+* ``data_parallel`` — megatron-core DDP around the model chunks and the schedule hooks;
+* ``gather`` — full, unsharded tensors by global name from any layout (tests, inspection);
+* ``cpu_compat`` — what lets megatron's layers, schedules and DDP run on CPU/gloo.
+
+The MoE all-to-all dispatcher lives with the MoE layer (``engmoe.model.moe.dispatcher``).
 """
 from engmoe.parallel.state import (
     ParallelEnv,

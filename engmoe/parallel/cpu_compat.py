@@ -1,13 +1,20 @@
-"""Let megatron-core's tensor-parallel layers and pipeline schedules run on CPU (gloo) processes.
+"""Let megatron-core's tensor-parallel layers, pipeline schedules and DDP run on CPU (gloo) processes.
 
-megatron-core 0.16.1 assumes CUDA in a few places that matter to us on CPU: ``tensor_parallel/mappings.py``
-and the p2p code allocate on ``torch.cuda.current_device()``, p2p calls ``torch.cuda.synchronize()``, and
-the schedules create ``torch.zeros(..., device="cuda")`` token counters. On a machine without CUDA we
-(1) point ``current_device`` at ``"cpu"``, (2) make ``synchronize`` a no-op (gloo ops are synchronous on
-completion of ``wait()``), and (3) offer ``cuda_to_cpu()``, a TorchFunctionMode that maps an explicit
-``device="cuda"`` in tensor factories to the CPU, used around megatron's schedule calls only. None of this
-is active where CUDA exists. (megatron's DDP and distributed optimizer remain CUDA-only: they check
-``param.type() == 'torch.cuda.FloatTensor'`` and use CUDA streams; see README "Parallelism on CPU".)
+megatron-core 0.16.1 assumes CUDA in a few places that matter to us on CPU: ``tensor_parallel/mappings.py``,
+the p2p code and DDP's grad/param buffers allocate on ``torch.cuda.current_device()``, p2p calls
+``torch.cuda.synchronize()``, and the schedules and ``MegatronOptimizer`` create
+``torch.zeros(..., device="cuda")`` tensors. On a machine without CUDA we (1) point ``current_device`` at
+``"cpu"``, (2) make ``synchronize`` a no-op (gloo ops are synchronous on completion of ``wait()``), and
+(3) offer ``cuda_to_cpu()``, a TorchFunctionMode that maps an explicit ``device="cuda"`` in tensor
+factories to the CPU, used around megatron's DDP construction and schedule calls only. None of this is
+active where CUDA exists.
+
+What stays CUDA-only even so: megatron's optimizers. ``DistributedOptimizer`` raises
+``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...``
+(``_build_model_and_main_param_groups``) and ``FP32Optimizer.step`` asserts
+``param.grad.type() == 'torch.cuda.FloatTensor'`` (``clip_grads.clip_grad_by_total_norm_fp32``); they are
+type-name checks, not device-agnostic code. ``engmoe.training.optimizer.BucketAdamW`` replaces them on
+every device.
 """
 from __future__ import annotations
 

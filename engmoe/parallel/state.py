@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engmoe.config import ConfigError, ParallelConfig
+from engmoe.config import ParallelConfig
 from engmoe.parallel.cpu_compat import apply_cpu_compat
 
 
@@ -35,6 +35,11 @@ class ParallelEnv:
     ep_rank: int
     dp_rank: int
     device: torch.device
+
+    def describe(self) -> str:
+        """``tp2·pp2(v2)·cp1·dp1 | ep2``: the layout as one token for logs."""
+        v = f"(v{self.vpp})" if self.vpp else ""
+        return f"tp{self.tp}·pp{self.pp}{v}·cp{self.cp}·dp{self.dp} | ep{self.ep}"
 
 
 _ENV: ParallelEnv | None = None
@@ -73,17 +78,10 @@ def initialize_parallel(parallel: ParallelConfig, num_layers: int | None = None,
     from megatron.core import parallel_state as ps
 
     global _ENV
+    parallel.validate()
     device = init_distributed(backend)
     world = dist.get_world_size()
-    model_parallel = parallel.tensor * parallel.pipeline * parallel.context
-    if world % model_parallel != 0:
-        raise ConfigError(f"parallel: world size {world} is not divisible by tensor·pipeline·context = "
-                          f"{parallel.tensor}·{parallel.pipeline}·{parallel.context} = {model_parallel}")
-    dp = world // model_parallel
-    expert_group = parallel.expert * parallel.expert_tensor
-    if (world // parallel.pipeline) % expert_group != 0:
-        raise ConfigError(f"parallel.expert: expert·expert_tensor = {expert_group} must divide "
-                          f"world/pipeline = {world // parallel.pipeline}")
+    dp = parallel.check_world(world)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -93,7 +91,9 @@ def initialize_parallel(parallel: ParallelConfig, num_layers: int | None = None,
         context_parallel_size=parallel.context,
         expert_model_parallel_size=parallel.expert,
         expert_tensor_parallel_size=parallel.expert_tensor,
-        create_gloo_process_groups=device.type == "cpu",
+        # our default group is already gloo on CPU; the extra gloo copies only serve megatron's own
+        # optimizers (not used here) and would double the group-creation time
+        create_gloo_process_groups=False,
     )
     _ENV = ParallelEnv(
         world_size=world,
@@ -133,6 +133,16 @@ def destroy_parallel() -> None:
     _ENV = None
 
 
+def token_group():
+    """The ranks that split one micro-batch's tokens between them: tensor (sequence-parallel) × context.
+
+    The MoE load-balancing statistics of a micro-batch are summed over this group so that every layout
+    computes the loss of the whole micro-batch (as one process would)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_and_context_parallel_group()
+
+
 def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, device: torch.device,
                           model=None):
     """The megatron config that its tensor-parallel layers and pipeline schedules read.
@@ -153,6 +163,10 @@ def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, d
         num_query_groups=model.num_kv_heads,
         kv_channels=model.head_dim,
         ffn_hidden_size=model.moe.expert_intermediate_size,
+        # MoE fields: megatron validates expert parallelism against them; its own MoE code is not used
+        num_moe_experts=model.moe.num_experts,
+        moe_router_topk=model.moe.top_k,
+        moe_ffn_hidden_size=model.moe.expert_intermediate_size,
         pipeline_dtype=params_dtype,
         add_bias_linear=False,
         tensor_model_parallel_size=parallel.tensor,
@@ -166,5 +180,9 @@ def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, d
         perform_initialization=False,
         use_cpu_initialization=device.type == "cpu",
         gradient_accumulation_fusion=False,
+        # gloo matches point-to-point messages between two ranks in posting order, and a batched
+        # send/recv to the same peer (pp=2 interleaving: next == prev) can cross its tensors; megatron's
+        # unbatched path orders the ops by rank parity and splits the directions over two groups
+        batch_p2p_comm=device.type != "cpu",
         bf16=params_dtype == torch.bfloat16,
     )

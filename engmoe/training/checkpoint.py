@@ -9,7 +9,9 @@ Layout of a run directory::
 
 Every tensor is saved under its *global* name and global shape (layers by global number, experts by
 global id, tensor-parallel shards by offset), so a checkpoint written under one parallel layout loads
-under another. The optimizer's Adam moments are saved with their parameter's sharding.
+under another. The optimizer's Adam moments are saved with their parameter's sharding: a ZeRO-sharded
+optimizer first assembles each parameter's moments from the data-parallel shards (canonical form, as
+megatron's "fully reshardable" format does), so the data-parallel size and bucket layout may change too.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from engmoe.config import Config, save_config
 from engmoe.model.transformer import EngMoEModel, canonical_name
+from engmoe.training.optimizer import BucketAdamW
 
 LATEST = "latest"
 
@@ -59,35 +62,37 @@ def model_sharded_state_dict(models: list[EngMoEModel]) -> dict:
     return out
 
 
-def optimizer_sharded_state_dict(models: list[EngMoEModel], optimizer: torch.optim.Optimizer) -> dict:
-    """Adam moments keyed by their parameter's global name (so they reshard with it)."""
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_sharded_state_dict(models: list[EngMoEModel], moments: dict) -> dict:
+    """Adam moments (per parameter, full model-parallel-shard shape) keyed by their parameter's global name."""
     out = {}
     for m in models:
         for name, p in m.named_parameters():
-            state = optimizer.state.get(p)
-            if not state:
-                state = {"exp_avg": torch.zeros_like(p, dtype=torch.float32),
-                         "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32), "step": torch.tensor(0.0)}
-                optimizer.state[p] = state
-            for moment in ("exp_avg", "exp_avg_sq"):
+            for moment in MOMENTS:
                 key = f"optimizer.{moment}.{canonical_name(m, name)}"
-                out[key] = _sharded_tensor(key, state[moment], p)
+                out[key] = _sharded_tensor(key, moments[p][moment], p)
     return out
 
 
-def _optimizer_step_count(optimizer: torch.optim.Optimizer) -> float:
-    for state in optimizer.state.values():
-        if "step" in state:
-            return float(state["step"])
-    return 0.0
+def _require_psutil() -> None:
+    """megatron-core's checkpoint writer forks writer processes that import psutil; without it they die
+    before reporting and the save waits forever. Fail fast instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        raise RuntimeError("saving a checkpoint needs the psutil package (megatron-core's dist_checkpointing "
+                           "writer uses it): pip install psutil")
 
 
 def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
-                    optimizer: Optional[torch.optim.Optimizer], train_state: dict, cfg: Config) -> Path:
+                    optimizer: Optional[BucketAdamW], train_state: dict, cfg: Config) -> Path:
     """Write iteration ``step`` under a temporary name and publish it by renaming (rank 0) once every rank
     has finished; then point ``latest`` at it."""
     from megatron.core import dist_checkpointing
 
+    _require_psutil()
     save_dir = Path(save_dir)
     final, tmp = _iter_dir(save_dir, step), Path(str(_iter_dir(save_dir, step)) + ".tmp")
     rank = dist.get_rank()
@@ -101,8 +106,8 @@ def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
     dist.barrier()
     state = model_sharded_state_dict(models)
     if optimizer is not None:
-        state.update(optimizer_sharded_state_dict(models, optimizer))
-        state["optimizer_step"] = _optimizer_step_count(optimizer)
+        state.update(optimizer_sharded_state_dict(models, optimizer.full_moments()))
+        state["optimizer_step"] = optimizer.step_count()
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank == 0:
@@ -131,7 +136,7 @@ def find_checkpoint(path: str | Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[torch.optim.Optimizer]
+def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[BucketAdamW]
                     ) -> dict:
     """Load weights (and, given an optimizer, its moments) into this rank's shards; return train_state."""
     from megatron.core import dist_checkpointing
@@ -141,16 +146,17 @@ def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Opti
         raise FileNotFoundError(f"{ckpt}: not a complete engmoe checkpoint (train_state.json missing)")
     request = model_sharded_state_dict(models)
     if optimizer is not None:
-        request.update(optimizer_sharded_state_dict(models, optimizer))
+        placeholders = {p: {moment: torch.empty(p.shape, dtype=torch.float32) for moment in MOMENTS}
+                        for m in models for p in m.parameters()}
+        request.update(optimizer_sharded_state_dict(models, placeholders))
         request["optimizer_step"] = 0.0
     loaded = dist_checkpointing.load(request, str(ckpt))
     with torch.no_grad():
         for m in models:
             for name, p in m.named_parameters():
                 p.copy_(loaded[f"model.{canonical_name(m, name)}"])
-                if optimizer is not None:
-                    state = optimizer.state[p]
-                    for moment in ("exp_avg", "exp_avg_sq"):
-                        state[moment].copy_(loaded[f"optimizer.{moment}.{canonical_name(m, name)}"])
-                    state["step"] = torch.tensor(float(loaded.get("optimizer_step", 0.0)))
+    if optimizer is not None:
+        moments = {p: {moment: loaded[f"optimizer.{moment}.{canonical_name(m, name)}"] for moment in MOMENTS}
+                   for m in models for name, p in m.named_parameters()}
+        optimizer.load_full_moments(moments, float(loaded.get("optimizer_step", 0.0)))
     return json.loads((ckpt / "train_state.json").read_text())

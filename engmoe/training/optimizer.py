@@ -1,19 +1,28 @@
-"""AdamW with weight-decay groups, gradient synchronisation over megatron-core's groups, global grad norm.
+"""AdamW over megatron-core DDP's gradient buffers, optionally ZeRO-1 sharded; global grad norm and clipping.
 
-This is the path that runs everywhere (CPU gloo CI included): gradients are averaged with one flat
-all-reduce per process group — dense parameters over the data(+context)-parallel group, expert
-parameters over the expert-data-parallel group, sequence-parallel-replicated parameters (norms, router)
-summed over the tensor group — using megatron-core's ``parallel_state`` groups. The grad norm counts
-every parameter exactly once: tensor-parallel duplicates only on tp rank 0, then a sum over the
-model-parallel group for dense parameters and over the expert-model-parallel group for experts.
+Why our own optimizer and not megatron-core's: megatron's ``DistributedOptimizer`` and ``FP32Optimizer``
+refuse CPU tensors (``param.type() == 'torch.cuda.FloatTensor'`` checks in ``distrib_optimizer.py`` and
+``clip_grads.py``), so they cannot be proven in CPU CI. This class does the same job on the same data
+structures — megatron's DDP buffers, buckets, shard layout and parameter all-gather — with
+``torch.optim.AdamW`` doing the update, so one code path runs (and is tested) on CPU and GPU.
+
+Sharding (``distributed=True``): megatron's DDP reduce-scatters each gradient bucket over its data-parallel
+group; the rank owning shard ``r`` of a bucket keeps the Adam moments of those elements only, updates the
+parameters there, and DDP's ``start_param_sync`` all-gathers the updated shards into every replica. Without
+sharding each rank updates whole buckets (after DDP's all-reduce).
+
+The grad norm counts every element once: a sharded element on its owner only; a parameter that tensor
+parallelism replicates (norms, router) on tensor rank 0 only; then a sum over every rank that holds
+distinct elements (the whole world when sharded; the model-parallel groups otherwise).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch import nn
 
 from engmoe.config import OptimizerConfig
 
@@ -22,87 +31,155 @@ def is_expert(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "expert_shard")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norm gains (1-D); decay on every matrix (embeddings, router, experts)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@dataclass
+class _Segment:
+    """The elements ``[start, end)`` of ``param`` (flattened) that this rank updates."""
+
+    param: nn.Parameter
+    start: int
+    end: int
+    values: torch.Tensor  # 1-D view of the parameter's elements
+    grad: torch.Tensor  # 1-D view of the same elements in DDP's main_grad buffer
+    exp_avg: torch.Tensor  # views into this bucket shard's moment buffers
+    exp_avg_sq: torch.Tensor
+    counted: bool  # contributes to the grad norm on this rank
 
 
-def build_optimizer(models: list[torch.nn.Module], opt: OptimizerConfig) -> torch.optim.AdamW:
-    groups: list[dict] = []
-    for m in models:
-        groups += param_groups(m, opt.weight_decay)
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, foreach=True)
+@dataclass
+class _BucketShard:
+    """This rank's shard of one DDP bucket, and the moments that live with it."""
+
+    bucket: object
+    group: object  # the group the bucket is sharded over (None: not sharded)
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    lo: int
+    hi: int
 
 
-def _all_reduce_flat(grads: list[torch.Tensor], group, scale: float) -> None:
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    if scale != 1.0:
-        flat.mul_(scale)
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+class BucketAdamW:
+    """AdamW on DDP-wrapped model chunks (see module docstring). ``param_groups`` is the LR handle."""
 
+    def __init__(self, ddp_models: list[nn.Module], opt: OptimizerConfig, distributed: bool):
+        from megatron.core import parallel_state as ps
 
-def sync_gradients(models: list[torch.nn.Module]) -> None:
-    """Average gradients across data replicas (loss = mean over replicas) and sum sequence-parallel ones."""
-    from megatron.core import parallel_state as ps
+        self.ddp_models = ddp_models
+        self.distributed = distributed
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        self.shards: list[_BucketShard] = []
+        self.segments: list[_Segment] = []
+        for ddp in ddp_models:
+            for bucket_group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+                if distributed:
+                    group = bucket_group.intra_distributed_optimizer_instance_group
+                    size, rank = bucket_group.intra_distributed_optimizer_instance_size, group.rank()
+                else:
+                    group, size, rank = None, 1, 0
+                for bucket in bucket_group.buckets:
+                    self._add_bucket(bucket, group, size, rank, tp_rank)
+        decay = [s.values for s in self.segments if s.param.ndim >= 2]
+        no_decay = [s.values for s in self.segments if s.param.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": opt.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if not groups:  # a rank may own no shard at all in a tiny model
+            groups = [{"params": [torch.zeros(0)], "weight_decay": 0.0}]
+        self.inner = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, foreach=True)
+        for s in self.segments:
+            s.values.grad = s.grad  # persistent: DDP zeroes and refills the same buffer every step
+            self.inner.state[s.values] = {"step": torch.tensor(0.0), "exp_avg": s.exp_avg, "exp_avg_sq": s.exp_avg_sq}
 
-    params = [p for m in models for p in m.parameters() if p.grad is not None]
-    sp = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        _all_reduce_flat(sp, ps.get_tensor_model_parallel_group(), 1.0)
-    dp_cp = ps.get_data_parallel_world_size(with_context_parallel=True)
-    if dp_cp > 1:
-        dense = [p.grad for p in params if not is_expert(p)]
-        _all_reduce_flat(dense, ps.get_data_parallel_group(with_context_parallel=True), 1.0 / dp_cp)
-    if ps.get_expert_data_parallel_world_size() > 1 or dp_cp > 1:
-        experts = [p.grad for p in params if is_expert(p)]
-        group = ps.get_expert_data_parallel_group()
-        if dist.get_world_size(group) > 1:
-            _all_reduce_flat(experts, group, 1.0 / dp_cp)
-        elif experts:
-            for g in experts:
-                g.mul_(1.0 / dp_cp)
-
-
-def grad_norm(models: list[torch.nn.Module]) -> float:
-    """Global L2 norm of all gradients, each parameter counted once across every parallel group."""
-    from megatron.core import parallel_state as ps
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    device = next(p for m in models for p in m.parameters()).device
-    dense = torch.zeros((), dtype=torch.float64, device=device)
-    expert = torch.zeros((), dtype=torch.float64, device=device)
-    for m in models:
-        for p in m.parameters():
-            if p.grad is None:
+    def _add_bucket(self, bucket, group, size: int, rank: int, tp_rank: int) -> None:
+        n = bucket.grad_data.numel()
+        if n % size:
+            raise RuntimeError(f"DDP bucket of {n} elements does not shard over {size} ranks")
+        lo, hi = rank * (n // size), (rank + 1) * (n // size)
+        shard = _BucketShard(bucket, group, torch.zeros(hi - lo, dtype=torch.float32, device=bucket.grad_data.device),
+                             torch.zeros(hi - lo, dtype=torch.float32, device=bucket.grad_data.device), lo, hi)
+        self.shards.append(shard)
+        for p in bucket.params_list:
+            p_lo, p_hi = bucket.param_to_index[p]
+            a, b = max(lo, p_lo), min(hi, p_hi)
+            if a >= b:
                 continue
-            sq = p.grad.detach().double().pow(2).sum()
-            if is_expert(p):
-                expert += sq
-            elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                dense += sq
-    if dist.get_world_size(ps.get_model_parallel_group()) > 1:
-        dist.all_reduce(dense, group=ps.get_model_parallel_group())
-    group = ps.get_expert_tensor_model_pipeline_parallel_group()
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(expert, group=group)
-    return math.sqrt((dense + expert).item())
+            counted = is_expert(p) or getattr(p, "tensor_model_parallel", False) or tp_rank == 0
+            self.segments.append(_Segment(
+                p, a - p_lo, b - p_lo, p.detach().view(-1)[a - p_lo:b - p_lo], bucket.grad_data[a:b],
+                shard.exp_avg[a - lo:b - lo], shard.exp_avg_sq[a - lo:b - lo], counted))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    # -- the step ------------------------------------------------------------------------------------
+    def grad_norm(self) -> float:
+        """Global L2 norm of the (synchronised) gradients, each element counted once."""
+        from megatron.core import parallel_state as ps
+
+        device = self.shards[0].exp_avg.device if self.shards else torch.device("cpu")
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # [dense, expert]
+        for s in self.segments:
+            if s.counted:
+                sums[1 if is_expert(s.param) else 0] += s.grad.double().pow(2).sum()
+        if self.distributed:
+            dist.all_reduce(sums)  # shards are disjoint across data-parallel ranks: sum over everyone
+        else:
+            dense, expert = sums[0:1], sums[1:2]
+            for t, group in ((dense, ps.get_model_parallel_group()),
+                             (expert, ps.get_expert_tensor_model_pipeline_parallel_group())):
+                if dist.get_world_size(group) > 1:
+                    dist.all_reduce(t, group=group)
+        return math.sqrt(sums.sum().item())
+
+    def clip(self, max_norm: float, norm: float) -> None:
+        if max_norm <= 0 or not math.isfinite(norm) or norm <= max_norm:
+            return
+        scale = max_norm / (norm + 1e-6)
+        grads = [s.grad for s in self.segments]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+
+    def step(self) -> None:
+        """Update this rank's elements; with sharding, all-gather the parameters from their owners."""
+        self.inner.step()
+        if self.distributed:
+            for ddp in self.ddp_models:
+                ddp.start_param_sync(force_sync=True)
+
+    # -- checkpoint state in canonical (per-parameter, full-shape) form ----------------------------------
+    def step_count(self) -> float:
+        for state in self.inner.state.values():
+            return float(state["step"])
+        return 0.0
+
+    def full_moments(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
+        """Every parameter's Adam moments at full (this rank's model-parallel) shape, assembled from the
+        data-parallel shards bucket by bucket (like megatron's fully-reshardable format)."""
+        out: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+        for shard in self.shards:
+            bucket = shard.bucket
+            full = {}
+            for name in ("exp_avg", "exp_avg_sq"):
+                local = getattr(shard, name)
+                if shard.group is None:
+                    full[name] = local
+                else:
+                    full[name] = torch.empty(bucket.grad_data.numel(), dtype=local.dtype, device=local.device)
+                    dist.all_gather_into_tensor(full[name], local, group=shard.group)
+            for p in bucket.params_list:
+                a, b = bucket.param_to_index[p]
+                out[p] = {name: t[a:b].view(p.shape).clone() for name, t in full.items()}
+        return out
+
+    def load_full_moments(self, moments: dict[nn.Parameter, dict[str, torch.Tensor]], step: float) -> None:
+        """Inverse of ``full_moments``: keep this rank's elements of every parameter's moments."""
+        with torch.no_grad():
+            for s in self.segments:
+                full = moments[s.param]
+                s.exp_avg.copy_(full["exp_avg"].reshape(-1)[s.start:s.end])
+                s.exp_avg_sq.copy_(full["exp_avg_sq"].reshape(-1)[s.start:s.end])
+        for state in self.inner.state.values():
+            state["step"] = torch.tensor(float(step))
 
 
-def clip_gradients(models: list[torch.nn.Module], max_norm: float, norm: float) -> None:
-    if max_norm <= 0 or not math.isfinite(norm) or norm <= max_norm:
-        return
-    scale = max_norm / (norm + 1e-6)
-    for m in models:
-        for p in m.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+def build_optimizer(ddp_models: list[nn.Module], opt: OptimizerConfig, distributed: bool) -> BucketAdamW:
+    return BucketAdamW(ddp_models, opt, distributed)

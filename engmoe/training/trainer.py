@@ -1,10 +1,13 @@
 """The training loop: megatron-core's forward-backward schedule around our model, our optimizer step.
 
 One step = the global batch of this step (batch ramp) split into micro-batches per data-parallel rank,
-run by megatron-core's schedule (no pipelining, or 1F1B over the pipeline group), then gradients are
-synchronised, the global grad norm computed, non-finite steps skipped (or the run stopped), gradients
-clipped, and AdamW applied with the scheduled LR. Mixed precision on GPU: fp32 parameters and optimizer
-state (the master weights) with bf16 autocast for the matmuls.
+run by megatron-core's schedule (no pipelining, 1F1B, or interleaved 1F1B over virtual stages) on model
+chunks wrapped in megatron-core's DDP, which reduces the gradients bucket by bucket during the backward
+and finalises them after it (``engmoe.parallel.data_parallel``). Then the global grad norm is computed,
+non-finite steps skipped (or the run stopped), gradients clipped, and AdamW (ZeRO-1 sharded with
+``parallel.distributed_optimizer``) applied with the scheduled LR. Under context parallelism each rank
+runs its load-balanced share of every sequence (``engmoe.parallel.context``). Mixed precision on GPU: fp32
+parameters and optimizer state (the master weights) with bf16 autocast for the matmuls.
 """
 from __future__ import annotations
 
@@ -20,15 +23,17 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from engmoe.config import Config
-from engmoe.model import build_model, count_parameters, model_flops_per_token
+from engmoe.config import Config, ConfigError
+from engmoe.model import build_model_chunks, count_parameters, model_flops_per_token
 from engmoe.parallel import initialize_parallel
+from engmoe.parallel.context import shard_batch
 from engmoe.parallel.cpu_compat import cuda_to_cpu
+from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
 from engmoe.training import checkpoint as ckpt
-from engmoe.training.data import build_train_data, rank_microbatches
+from engmoe.training.data import TrainData, build_train_data, rank_microbatches
 from engmoe.training.metrics import (SpikeDetector, TensorBoard, device_peak_flops, expert_load_extremes,
                                      format_line, mfu)
-from engmoe.training.optimizer import build_optimizer, clip_gradients, grad_norm, sync_gradients
+from engmoe.training.optimizer import build_optimizer
 from engmoe.training.schedules import global_batch_at, lr_at, microbatches
 
 
@@ -47,15 +52,24 @@ class TrainState:
     losses: list = field(default_factory=list)  # (step, lm loss) per step, for tests and plots
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, cp_group, per_token: torch.Tensor):
+    """Masked mean over the micro-batch's tokens. Under context parallelism a rank holds part of the
+    tokens: its loss is its masked sum over the whole micro-batch's token count, and megatron's schedule
+    multiplies it by cp (undone by DDP's 1/(dp·cp) averaging), so the gradient is the single-process one."""
     mask = loss_mask.to(per_token.dtype)
-    loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
-    return loss, {"lm loss": loss.detach().clone()}  # megatron divides `loss` in place by num_microbatches
+    local = (per_token * mask).sum()
+    totals = torch.stack([local.detach(), mask.sum()])
+    if cp_group is not None:
+        dist.all_reduce(totals, group=cp_group)
+    count = totals[1].clamp_min(1.0)
+    # megatron divides (and under CP multiplies) `loss` in place; the logged value is a separate tensor
+    return local / count, {"lm loss": totals[0] / count}
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, exit_after: Optional[int] = None,
-                 log=print):
+                 log=print, data: Optional[TrainData] = None):
+        """``data`` replaces the configured datasets (tests feed fixed batches this way)."""
         self.cfg = cfg
         self.log_fn = log
         self.exit_after = exit_after
@@ -67,10 +81,14 @@ class Trainer:
         self.device = self.env.device
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.stage.precision == "bf16" else contextlib.nullcontext())
-        self.model = build_model(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=self.device)
-        self.models = [self.model]
-        self.optimizer = build_optimizer(self.models, cfg.optimizer)
-        self.data = build_train_data(cfg, self.device)
+        # model chunks of this pipeline rank (one without interleaving), then megatron DDP around each
+        self.models = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=self.device)
+        self.ddp_models = wrap_data_parallel(self.models, cfg.parallel)
+        install_schedule_hooks(self.ddp_models)
+        self.is_last_stage = self.models[-1].post_process
+        self.cp_group = ps.get_context_parallel_group() if self.env.cp > 1 else None
+        self.optimizer = build_optimizer(self.ddp_models, cfg.optimizer, cfg.parallel.distributed_optimizer)
+        self.data = data if data is not None else build_train_data(cfg, self.device)
         self.state = TrainState(stage=cfg.stage.name)
         self.save_dir = Path(cfg.stage.save_dir)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -81,8 +99,8 @@ class Trainer:
         self._stop_signal = False
         self._restore(resume)
         self.log(f"engmoe: stage {cfg.stage.name} | model {cfg.model.name} ({count_parameters(cfg.model).summary()}) | "
-                 f"world {self.env.world_size} = tp{self.env.tp}·pp{self.env.pp}·cp{self.env.cp}·dp{self.env.dp} "
-                 f"(ep{self.env.ep}) | {self.device} | data: {self.data.description}")
+                 f"world {self.env.world_size} = {self.env.describe()} | {self.device} | "
+                 f"data: {self.data.description}")
 
     # -- setup ---------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -114,21 +132,35 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        batch = shard_batch(batch, self.env.cp, self.env.cp_rank)  # no-op without context parallelism
         with self.autocast:
             out = model(batch["tokens"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
                         labels=batch["labels"])
-        if not model.post_process:
+        if not unwrap(model).post_process:
             return out, lambda t: (t.sum() * 0, {})
-        return out.loss, partial(_loss_func, batch["loss_mask"])
+        return out.loss, partial(_loss_func, batch["loss_mask"], self.cp_group)
 
     def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if len(self.ddp_models) > 1 and len(batches) % self.env.pp != 0:
+            raise ConfigError(f"stage.global_batch: interleaved pipelining (parallel.virtual_pipeline) needs the "
+                              f"micro-batches per data-parallel rank ({len(batches)}) to be a multiple of "
+                              f"parallel.pipeline={self.env.pp}")
+        # interleaving: every model chunk reads the same micro-batches through its own iterator
+        data = [iter(batches) for _ in self.ddp_models] if len(self.ddp_models) > 1 else iter(batches)
         fb = get_forward_backward_func()
         with cuda_to_cpu():
-            return fb(forward_step_func=self._forward_step, data_iterator=iter(batches), model=self.models,
+            return fb(forward_step_func=self._forward_step, data_iterator=data, model=self.ddp_models,
                       num_microbatches=len(batches), seq_length=self.cfg.data.seq_len,
                       micro_batch_size=self.cfg.stage.micro_batch, forward_only=forward_only)
+
+    def moe_layers(self) -> list:
+        return [layer for m in self.models for layer in m.moe_layers()]
+
+    def set_train(self, mode: bool) -> None:
+        for m in self.ddp_models:
+            m.train(mode)
 
     def _pp_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         group = self.ps.get_pipeline_model_parallel_group()
@@ -153,19 +185,24 @@ class Trainer:
         lr = lr_at(st.step, cfg.optimizer, cfg.stage.train_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.set_aux_loss_scale(1.0 / n_micro)
-        self.model.train()
+        for m in self.ddp_models:
+            m.zero_grad_buffer()
+        for m in self.models:  # same factor as the LM loss gets from the schedule: cp / micro-batches
+            m.set_aux_loss_scale(self.env.cp / n_micro)
+        for layer in self.moe_layers():
+            layer.reset_stats()
+        self.set_train(True)
+        # forward + backward of every micro-batch; DDP reduces the gradients and megatron's
+        # finalize_model_grads (installed as the schedule's hook) completes them
         losses = self._run_schedule(batches, forward_only=False)
-        sync_gradients(self.models)
-        norm = grad_norm(self.models)
+        norm = self.optimizer.grad_norm()
         lm = sum(d["lm loss"].item() for d in losses) / len(losses) if losses else 0.0
-        lm_t = self._pp_reduce(torch.tensor(lm if self.model.post_process else 0.0, dtype=torch.float64,
+        lm_t = self._pp_reduce(torch.tensor(lm if self.is_last_stage else 0.0, dtype=torch.float64,
                                             device=self.device))
         lm = self._dp_mean(lm_t.item())
         finite = math.isfinite(norm) and math.isfinite(lm)
         if finite:
-            clip_gradients(self.models, cfg.optimizer.clip_grad, norm)
+            self.optimizer.clip(cfg.optimizer.clip_grad, norm)
             self.optimizer.step()
         else:
             st.skipped_steps += 1
@@ -173,9 +210,9 @@ class Trainer:
                      f"(loss {lm}, grad norm {norm}); nan_policy={cfg.stage.nan_policy}")
             if cfg.stage.nan_policy == "stop":
                 raise TrainingStopped(f"non-finite loss/grad norm at step {st.step + 1}")
-        stats = [m.last_stats for m in self.model.moe_layers()]
-        aux = self._pp_reduce(torch.tensor(sum(s["aux_loss"].item() for s in stats), dtype=torch.float64,
-                                           device=self.device))
+        stats = [m.mean_stats() for m in self.moe_layers()]  # per micro-batch, averaged over this step
+        aux = self._pp_reduce(sum((s["aux_loss"] for s in stats),
+                                  torch.zeros((), dtype=torch.float64, device=self.device)))
         lo, hi = expert_load_extremes(torch.stack([s["tokens_per_expert"] for s in stats]))
         lo = self._pp_reduce(torch.tensor(lo, device=self.device), dist.ReduceOp.MIN).item()
         hi = self._pp_reduce(torch.tensor(hi, device=self.device), dist.ReduceOp.MAX).item()
@@ -193,7 +230,7 @@ class Trainer:
         cfg = self.cfg
         if self.data.valid is None or len(self.data.valid) == 0:
             return None
-        self.model.eval()
+        self.set_train(False)
         total, count = 0.0, 0
         gb = cfg.stage.global_batch  # the same samples whatever the layout
         for i in range(cfg.stage.eval_batches):
@@ -204,7 +241,7 @@ class Trainer:
                 total += d["lm loss"].item()
                 count += 1
         mean = total / count if count else 0.0
-        loss = self._pp_reduce(torch.tensor(mean if self.model.post_process else 0.0, dtype=torch.float64,
+        loss = self._pp_reduce(torch.tensor(mean if self.is_last_stage else 0.0, dtype=torch.float64,
                                             device=self.device)).item()
         return self._dp_mean(loss)
 

@@ -5,7 +5,6 @@ Runs use the built-in demo corpus (built once per session into a temp dir) and t
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,22 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def demo_root(demo_corpus):
     return demo_corpus.root
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker (torch 2.13's torchrun starts each worker in its own session, so
+    killing torchrun's process group would leave the workers training)."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
 
 
 def _cmd(nproc, stage, run_dir, demo_root, *extra):
@@ -76,8 +91,7 @@ def test_pipeline_parallel_kill_and_resume_reproduce_the_uninterrupted_run(demo_
     deadline = time.time() + 300
     while not (killed / "latest").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_tree(proc)
     first = int((killed / "latest").read_text())
     assert first < 12, "the run finished before it could be killed"
     out = _run(_cmd(2, "1", killed, demo_root, *common, "--resume", "auto"))

@@ -6,7 +6,7 @@ from torch import nn
 
 from engmoe.config import MoEConfig
 from engmoe.kernels import get_moe_kernels
-from engmoe.model.moe.dispatcher import LocalDispatcher
+from engmoe.model.moe.dispatcher import make_dispatcher
 from engmoe.model.moe.experts import GroupedExperts
 from engmoe.model.moe.router import TopKRouter
 
@@ -33,20 +33,35 @@ class AuxLossInjector(torch.autograd.Function):
 
 class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, moe: MoEConfig, ep_size: int = 1, ep_rank: int = 0,
-                 device=None, dtype=None):
+                 device=None, dtype=None, ep_group=None, token_group=None):
+        """``ep_group``: the expert-parallel process group (its size must be ``ep_size``); ``token_group``:
+        the ranks that split each micro-batch's tokens (sequence × context parallel), for the aux loss."""
         super().__init__()
         if moe.num_experts % ep_size != 0:
             from engmoe.config import ConfigError
             raise ConfigError(f"parallel.expert={ep_size} must divide model.moe.num_experts={moe.num_experts}")
         self.moe = moe
         local = moe.num_experts // ep_size
-        self.router = TopKRouter(hidden_size, moe, device=device, dtype=dtype)
+        self.router = TopKRouter(hidden_size, moe, device=device, dtype=dtype, token_group=token_group)
         self.experts = GroupedExperts(local, ep_rank * local, moe.num_experts, hidden_size,
                                       moe.expert_intermediate_size, device=device, dtype=dtype)
-        self.dispatcher = LocalDispatcher(moe.num_experts, moe.top_k)
+        if ep_size > 1 and ep_group is None:
+            raise ValueError("MoELayer: ep_size > 1 needs the expert-parallel process group")
+        self.dispatcher = make_dispatcher(moe.num_experts, moe.top_k, ep_group if ep_size > 1 else None)
         self.kernels = get_moe_kernels(moe.kernel_backend)
         self.aux_loss_scale = 1.0
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Start accumulating statistics anew (the trainer does this once per optimizer step)."""
+        self.stats_sum: dict[str, torch.Tensor] = {}
+        self.stats_count = 0
+
+    def mean_stats(self) -> dict[str, torch.Tensor]:
+        """Per-micro-batch mean of the statistics since ``reset_stats`` (layout-independent, unlike the last
+        micro-batch's, which depends on how the batch was split over data-parallel ranks)."""
+        return {k: v / max(self.stats_count, 1) for k, v in self.stats_sum.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[S, B, H]`` → ``[S, B, H]``."""
@@ -59,12 +74,15 @@ class MoELayer(nn.Module):
         permuted, tokens_per_expert, ctx = self.dispatcher.dispatch(tokens, routing, self.kernels)
         expert_out = self.experts(permuted, tokens_per_expert, self.kernels)
         out = self.dispatcher.combine(expert_out, ctx, self.kernels).view(shape).to(x.dtype)
-        self.last_stats = {
-            "lb_loss": routing.lb_loss.detach(),
-            "z_loss": routing.z_loss.detach(),
-            "aux_loss": routing.aux_loss.detach(),
+        self.last_stats = {  # whole micro-batch values (summed over the token group)
+            "lb_loss": routing.lb_loss_total,
+            "z_loss": routing.z_loss_total,
+            "aux_loss": routing.aux_loss_total,
             "tokens_per_expert": routing.tokens_per_expert.detach(),
         }
+        for k, v in self.last_stats.items():
+            self.stats_sum[k] = self.stats_sum[k] + v if k in self.stats_sum else v.to(torch.float64)
+        self.stats_count += 1
         if self.training and routing.aux_loss.requires_grad:
             out = AuxLossInjector.apply(out, routing.aux_loss, self.aux_loss_scale)
         return out

@@ -1,9 +1,18 @@
-"""Top-k softmax router with the Switch/GShard load-balancing loss and the optional router z-loss."""
+"""Top-k softmax router with the Switch/GShard load-balancing loss and the optional router z-loss.
+
+Under sequence or context parallelism a micro-batch's tokens are split over a *token group* of ranks.
+The losses are defined on the whole micro-batch (as one process computes them), so the expert counts
+and token count are summed over that group, and each rank computes its additive share: the shares
+sum to the single-process loss, and each share's gradient is exactly the whole loss's gradient with
+respect to that rank's tokens.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engmoe.config import MoEConfig
@@ -16,30 +25,50 @@ class RoutingResult:
     tokens_per_expert: torch.Tensor  # [E] routed (token, slot) pairs per expert
     lb_loss: torch.Tensor  # unweighted load-balancing loss (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # unweighted router z-loss
-    aux_loss: torch.Tensor  # coeff-weighted sum, the term added to the training loss
+    aux_loss: torch.Tensor  # coeff-weighted sum, the term added to the training loss (this rank's share)
+    lb_loss_total: Optional[torch.Tensor] = None  # detached, summed over the token group (for logging)
+    z_loss_total: Optional[torch.Tensor] = None
+    aux_loss_total: Optional[torch.Tensor] = None
 
 
-def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int,
+                        total_tokens: Optional[int] = None) -> torch.Tensor:
     """Switch/GShard form ``E · Σ_i f_i · P_i`` with ``f_i`` the fraction of routed (token, slot) pairs
     sent to expert i and ``P_i`` the mean router probability of expert i. Equals 1 when uniform.
-    Gradient flows through ``P`` only (``f`` comes from a discrete top-k)."""
+    Gradient flows through ``P`` only (``f`` comes from a discrete top-k).
+
+    With ``total_tokens`` (the token group's count) and ``tokens_per_expert`` summed over the group,
+    ``probs`` holds only this rank's tokens and the result is this rank's additive share."""
     num_tokens, num_experts = probs.shape
-    f = tokens_per_expert.to(probs.dtype) / (num_tokens * top_k)
-    p = probs.mean(0)
+    total = num_tokens if total_tokens is None else total_tokens
+    f = tokens_per_expert.to(probs.dtype) / (total * top_k)
+    p = probs.sum(0) / total
     return num_experts * torch.sum(f * p)
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean squared log-partition; keeps router logits small."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+def z_loss(logits: torch.Tensor, total_tokens: Optional[int] = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition; keeps router logits small (a share of the
+    group's mean when ``total_tokens`` is the token group's count)."""
+    total = logits.shape[0] if total_tokens is None else total_tokens
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / total
+
+
+def _group_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the token group (no autograd: counts and logged values only)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
 
 
 class TopKRouter(nn.Module):
     """linear → softmax over all experts → top-k (→ optional renormalisation of the k probabilities)."""
 
-    def __init__(self, hidden_size: int, moe: MoEConfig, device=None, dtype=None):
+    def __init__(self, hidden_size: int, moe: MoEConfig, device=None, dtype=None, token_group=None):
         super().__init__()
         self.moe = moe
+        self.token_group = token_group  # ranks sharing this micro-batch's tokens (None: this rank alone)
         self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden_size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> RoutingResult:
@@ -51,8 +80,14 @@ class TopKRouter(nn.Module):
         topk_probs, topk_idx = torch.topk(probs, moe.top_k, dim=-1)
         if moe.normalize_topk:
             topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
-        tokens_per_expert = torch.bincount(topk_idx.reshape(-1), minlength=moe.num_experts)
-        lb = load_balancing_loss(probs, tokens_per_expert, moe.top_k)
-        zl = z_loss(logits.to(probs.dtype)) if moe.z_loss_coeff > 0 else probs.new_zeros(())
+        tokens_per_expert = _group_sum(torch.bincount(topk_idx.reshape(-1), minlength=moe.num_experts),
+                                       self.token_group)
+        # sequence and context parallelism split a micro-batch evenly: no count to exchange (no host sync)
+        group_size = dist.get_world_size(self.token_group) if self.token_group is not None else 1
+        total = x.shape[0] * group_size
+        lb = load_balancing_loss(probs, tokens_per_expert, moe.top_k, total)
+        zl = z_loss(logits.to(probs.dtype), total) if moe.z_loss_coeff > 0 else probs.new_zeros(())
         aux = moe.aux_loss_coeff * lb + moe.z_loss_coeff * zl
-        return RoutingResult(topk_idx, topk_probs, tokens_per_expert, lb, zl, aux)
+        # this rank's shares carry the gradient; the logged values are the group's sums
+        logged = _group_sum(torch.stack([lb, zl, aux]).detach(), self.token_group)
+        return RoutingResult(topk_idx, topk_probs, tokens_per_expert, lb, zl, aux, *logged.unbind())

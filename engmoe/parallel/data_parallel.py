@@ -1,0 +1,62 @@
+"""Data parallelism through megatron-core's ``DistributedDataParallel`` (bucketed, overlapped reduction).
+
+megatron's DDP keeps every gradient in contiguous per-dtype buffers (``param.main_grad`` views), groups
+them into buckets and reduces each bucket as soon as its last gradient is ready (``overlap_grad_reduce``):
+dense parameters over the data×context-parallel group, expert parameters (``param.allreduce = False``)
+over the expert-data-parallel group, both scaled by 1/(dp·cp). With ``use_distributed_optimizer`` it
+reduce-scatters instead (each rank then owns one shard of every bucket) and all-gathers the updated
+parameters from their owners (``start_param_sync``).
+
+``finalize_model_grads`` (also megatron's) then sums the gradients of parameters that sequence
+parallelism replicates over the tensor group (norms, router). The schedule hooks below are what
+megatron's own training loop installs so that the pipeline schedules delay the reduction to the last
+micro-batch and finalise after the last backward.
+
+All of this runs on CPU/gloo too, given ``engmoe.parallel.cpu_compat`` (a device shim and the
+``cuda_to_cpu`` factory mode around construction and the schedule).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from engmoe.config import ParallelConfig
+from engmoe.parallel.cpu_compat import cuda_to_cpu
+
+
+def wrap_data_parallel(models: list[nn.Module], parallel: ParallelConfig) -> list[nn.Module]:
+    """Wrap every model chunk in megatron's DDP (chunks after the first unbucketed, as megatron does)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    wrapped = []
+    for i, model in enumerate(models):
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=parallel.overlap_grad_reduce,
+            use_distributed_optimizer=parallel.distributed_optimizer,
+            bucket_size=parallel.ddp_bucket_size,
+        )
+        with cuda_to_cpu():
+            wrapped.append(DistributedDataParallel(model.config, ddp_config, model, disable_bucketing=i > 0))
+    return wrapped
+
+
+def install_schedule_hooks(ddp_models: list[nn.Module]) -> None:
+    """Point the megatron config the schedules read at these DDP chunks' no_sync / grad-sync / finalize."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_models[0].module.config
+    no_sync = [m.no_sync for m in ddp_models]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if ddp_models[0].ddp_config.overlap_grad_reduce:
+        grad_sync = [m.start_grad_sync for m in ddp_models]
+        config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    for m in ddp_models[1:]:  # every chunk shares the first chunk's config object semantics
+        m.module.config.no_sync_func = config.no_sync_func
+        m.module.config.grad_sync_func = config.grad_sync_func
+        m.module.config.finalize_model_grads_func = finalize_model_grads
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The engmoe model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)

@@ -1,0 +1,40 @@
+"""The layouts the equivalence runs cover (shared by the CPU tests and the GPU script in bench/).
+
+Each job is a ``parallel.*`` override set run by ``equivalence_worker.py``; ``save`` writes a checkpoint
+after step 1, ``load`` starts from one written under another layout. World 4 runs before world 2 so
+world 2 can load world 4's checkpoint. Where dp is not written it is what is left: world / (tp·pp·cp).
+"""
+from __future__ import annotations
+
+SP = {"sequence_parallel": True}
+
+REFERENCE = [{"name": "single", "parallel": {}}]
+
+WORLD4 = [
+    # pipeline × expert (ep folded over the 2 data-parallel ranks of each stage), ZeRO; saved for resharding
+    {"name": "pp2_ep2_dp2", "parallel": {"pipeline": 2, "expert": 2}, "save": "pp2_ep2"},
+    {"name": "tp2_cp2", "parallel": {"tensor": 2, **SP, "context": 2}},
+    # experts folded over context × data ranks
+    {"name": "cp2_ep2_dp2", "parallel": {"context": 2, "expert": 2}},
+    # expert-data-parallel size 2: expert gradients reduced over their own group; small buckets
+    {"name": "dp4_ep2", "parallel": {"expert": 2, "ddp_bucket_size": 30000}},
+    {"name": "tp2_pp2v2", "parallel": {"tensor": 2, **SP, "pipeline": 2, "virtual_pipeline": 2}},
+    # the pp2·ep2 checkpoint (weights + ZeRO-sharded Adam moments) loaded under other layouts
+    {"name": "load_pp2_ep2_as_tp2_dp2", "parallel": {"tensor": 2, **SP}, "load": "pp2_ep2"},
+    {"name": "load_pp2_ep2_as_ep4_dp4", "parallel": {"expert": 4}, "load": "pp2_ep2"},
+]
+
+WORLD2 = [
+    {"name": "tp2", "parallel": {"tensor": 2, **SP}},
+    {"name": "pp2", "parallel": {"pipeline": 2}},
+    {"name": "pp2_uneven", "parallel": {"pipeline": 2, "pipeline_layers": [1, 3]}},
+    {"name": "pp2v2", "parallel": {"pipeline": 2, "virtual_pipeline": 2}},
+    {"name": "ep2_dp2", "parallel": {"expert": 2}},
+    {"name": "cp2", "parallel": {"context": 2}},
+    {"name": "dp2_zero", "parallel": {"distributed_optimizer": True, "ddp_bucket_size": 30000}},
+    {"name": "dp2_plain", "parallel": {"distributed_optimizer": False, "overlap_grad_reduce": False}},
+    {"name": "tp2_ep2", "parallel": {"tensor": 2, **SP, "expert": 2}},
+    {"name": "load_pp2_ep2_as_dp2_plain", "parallel": {"distributed_optimizer": False}, "load": "pp2_ep2"},
+]
+
+SAVED_BY = {"pp2_ep2": "pp2_ep2_dp2"}
