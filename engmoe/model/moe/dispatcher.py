@@ -28,6 +28,10 @@ from engmoe.model.moe.router import RoutingResult
 class DispatchContext:
     slot_to_row: torch.Tensor
     topk_probs: torch.Tensor
+    # routing probability of each dispatched row (aligned with the rows the experts see): the experts scale
+    # their activation by it (fused into SwiGLU), so the combine is a plain sum and its backward never
+    # needs the expert outputs
+    row_scale: Optional[torch.Tensor] = None
     # expert parallelism only: row counts sent to / received from each rank, and the regrouping
     input_splits: Optional[list[int]] = None
     output_splits: Optional[list[int]] = None
@@ -44,11 +48,13 @@ class LocalDispatcher:
         """x ``[T, H]`` → (expert-sorted rows ``[T·k, H]``, rows per local expert, context for combine)."""
         sorted_slots, slot_to_row, tokens_per_expert = kernels.routing_maps(routing.topk_idx, self.num_experts)
         permuted = kernels.permute(x, sorted_slots, slot_to_row, self.top_k)
-        return permuted, tokens_per_expert, DispatchContext(slot_to_row, routing.topk_probs)
+        row_scale = routing.topk_probs.reshape(-1).index_select(0, sorted_slots)
+        return permuted, tokens_per_expert, DispatchContext(slot_to_row, routing.topk_probs, row_scale)
 
     def combine(self, y: torch.Tensor, ctx: DispatchContext, kernels: MoEKernels) -> torch.Tensor:
-        """Expert outputs in sorted order → ``[T, H]`` weighted by the routing probabilities."""
-        return kernels.unpermute(y, ctx.slot_to_row, ctx.topk_probs)
+        """Expert outputs in sorted order (already scaled by ``ctx.row_scale``) → ``[T, H]`` sum of each
+        token's k rows."""
+        return kernels.unpermute(y, ctx.slot_to_row, None, top_k=self.top_k)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -101,6 +107,7 @@ class AllToAllDispatcher:
 
         sorted_slots, slot_to_row, counts = kernels.routing_maps(routing.topk_idx, self.num_experts)
         permuted = kernels.permute(x, sorted_slots, slot_to_row, self.top_k)  # [T·k, H] by global expert
+        scale = routing.topk_probs.reshape(-1).index_select(0, sorted_slots).unsqueeze(1)  # travels with its row
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)  # [ranks·local]: from each rank
         received_counts = received_counts.view(self.ep, self.local)
@@ -108,20 +115,22 @@ class AllToAllDispatcher:
         both = torch.stack([counts.view(self.ep, self.local).sum(1), received_counts.sum(1)]).tolist()
         input_splits, output_splits = both[0], both[1]
         received = all_to_all(self.group, permuted, output_splits, input_splits)
+        received_scale = all_to_all(self.group, scale, output_splits, input_splits)
         order = regroup_order(received_counts, sum(output_splits))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         rows = _PermuteRows.apply(received, order, inverse)
-        ctx = DispatchContext(slot_to_row, routing.topk_probs, input_splits, output_splits, order, inverse)
+        row_scale = _PermuteRows.apply(received_scale, order, inverse).squeeze(1)
+        ctx = DispatchContext(slot_to_row, routing.topk_probs, row_scale, input_splits, output_splits, order, inverse)
         return rows, received_counts.sum(0), ctx
 
     def combine(self, y: torch.Tensor, ctx: DispatchContext, kernels: MoEKernels) -> torch.Tensor:
-        """Expert outputs (grouped by local expert) → back to their ranks → ``[T, H]`` weighted sum."""
+        """Expert outputs (grouped by local expert, already scaled) → back to their ranks → ``[T, H]`` sum."""
         from megatron.core.tensor_parallel import all_to_all
 
         by_rank = _PermuteRows.apply(y, ctx.inverse, ctx.order)
         returned = all_to_all(self.group, by_rank, ctx.input_splits, ctx.output_splits)
-        return kernels.unpermute(returned, ctx.slot_to_row, ctx.topk_probs)
+        return kernels.unpermute(returned, ctx.slot_to_row, None, top_k=self.top_k)
 
 
 def make_dispatcher(num_experts: int, top_k: int, ep_group=None):

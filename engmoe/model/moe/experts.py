@@ -28,6 +28,9 @@ class GroupedExperts(nn.Module):
             p.expert_shard = (expert_offset, num_experts)  # type: ignore[attr-defined]
             p.allreduce = False  # type: ignore[attr-defined]  # megatron: expert grads reduce over expert-DP
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, kernels: MoEKernels) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, kernels: MoEKernels,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``(swiglu(x @ w13[e]) · row_scale) @ w2[e]`` per expert block; ``row_scale`` is each row's routing
+        probability (fused into the activation kernel)."""
         # fp32 master weights under bf16 autocast: the GEMMs run in the activations' dtype
-        return kernels.grouped_mlp(x, tokens_per_expert, self.w13.to(x.dtype), self.w2.to(x.dtype))
+        return kernels.grouped_mlp(x, tokens_per_expert, self.w13.to(x.dtype), self.w2.to(x.dtype), row_scale)

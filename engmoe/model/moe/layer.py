@@ -67,12 +67,12 @@ class MoELayer(nn.Module):
         """x: ``[S, B, H]`` → ``[S, B, H]``."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        routing = self.router(tokens)  # fp32 router whatever the activations
+        routing = self.router(tokens, self.kernels)  # fp32 logits whatever the activations
         if torch.is_autocast_enabled(x.device.type):
             # grouped GEMMs are not autocast ops: dispatch and run the experts in the autocast dtype
             tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
         permuted, tokens_per_expert, ctx = self.dispatcher.dispatch(tokens, routing, self.kernels)
-        expert_out = self.experts(permuted, tokens_per_expert, self.kernels)
+        expert_out = self.experts(permuted, tokens_per_expert, self.kernels, row_scale=ctx.row_scale)
         out = self.dispatcher.combine(expert_out, ctx, self.kernels).view(shape).to(x.dtype)
         self.last_stats = {  # whole micro-batch values (summed over the token group)
             "lb_loss": routing.lb_loss_total,

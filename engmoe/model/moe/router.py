@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from engmoe.config import MoEConfig
+from engmoe.kernels import MoEKernels
+from engmoe.kernels.backend import REFERENCE
 
 
 @dataclass
@@ -71,15 +73,17 @@ class TopKRouter(nn.Module):
         self.token_group = token_group  # ranks sharing this micro-batch's tokens (None: this rank alone)
         self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden_size, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> RoutingResult:
-        """x: ``[T, H]``."""
+    def forward(self, x: torch.Tensor, kernels: Optional[MoEKernels] = None) -> RoutingResult:
+        """x: ``[T, H]``; ``kernels``: the layer's backend (fused logits and softmax/top-k where it has them)."""
         moe = self.moe
-        acc = torch.promote_types(x.dtype, torch.float32) if moe.router_fp32 else x.dtype
-        logits = x.to(acc) @ self.weight.to(acc).t()
-        probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        topk_probs, topk_idx = torch.topk(probs, moe.top_k, dim=-1)
-        if moe.normalize_topk:
-            topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
+        kernels = kernels or REFERENCE
+        if moe.router_fp32 and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            # bf16 products are exact in fp32: a bf16 GEMM with fp32 output equals upcasting first
+            logits = kernels.router_logits(x, self.weight)
+        else:
+            acc = torch.promote_types(x.dtype, torch.float32) if moe.router_fp32 else x.dtype
+            logits = x.to(acc) @ self.weight.to(acc).t()
+        probs, topk_probs, topk_idx = kernels.router_topk(logits, moe.top_k, moe.normalize_topk)
         tokens_per_expert = _group_sum(torch.bincount(topk_idx.reshape(-1), minlength=moe.num_experts),
                                        self.token_group)
         # sequence and context parallelism split a micro-batch evenly: no count to exchange (no host sync)
