@@ -2,11 +2,10 @@
 
 What it measures, all in one process so the ratios come from one run:
   1. ceilings: device-to-device copy GB/s (bytes read + written) and a dense bf16 GEMM's TFLOP/s;
-  2. our MoELayer forward+backward with each kernel backend (reference / torch / grouped_gemm / cuda), an A/B
-     ``cuda_torchplan`` (every expert GEMM on torch._grouped_mm), and ``cuda_fused``: the same layer with
-     the suggested model change (router top-k kernel, routing probability applied in the SwiGLU kernel,
-     plain-sum combine), applied here by a bench-only forward, ``cuda_fused_mm32`` also with the bf16
-     router GEMM with fp32 logits; against megatron-core's MoELayer from the anchor JSON (run
+  2. our MoELayer forward+backward with each kernel backend (reference / torch / grouped_gemm / cuda) and an
+     A/B ``cuda_torchplan`` (every expert GEMM on torch._grouped_mm); the layer fuses the routing probability
+     into the experts' SwiGLU (plain-sum combine) and, with bf16 weights, runs the router GEMM in bf16 with
+     fp32 logits; against megatron-core's MoELayer from the anchor JSON (run
      ../shared/bench/mcore_moe_anchor.py first, in the same device call: tests/kernels/device_run.sh);
   3. expert GEMMs: each of the six GEMMs (fwd / dgrad / wgrad of both projections) through torch._grouped_mm
      and grouped_gemm, TFLOP/s, vs a dense GEMM of equal FLOPs;
@@ -31,8 +30,6 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from engmoe.config import MoEConfig  # noqa: E402
 from engmoe.kernels import available_backends, cuda_ops, get_moe_kernels, grouped, reference  # noqa: E402
 from engmoe.model.moe import MoELayer  # noqa: E402
-from engmoe.model.moe.layer import AuxLossInjector  # noqa: E402
-from engmoe.model.moe.router import load_balancing_loss, z_loss  # noqa: E402
 
 
 def timed(fn, iters=10, warm=3, inner=1):
@@ -56,38 +53,6 @@ def timed(fn, iters=10, warm=3, inner=1):
 
 
 # ------------------------------------------------------------------------------------------- the layer
-def fused_forward(layer: MoELayer, x: torch.Tensor, router_mm32: bool = False) -> torch.Tensor:
-    """MoELayer.forward with the suggested change (bench-only; engmoe/model is not edited here):
-    router softmax/top-k/renorm in one kernel, tokens_per_expert from the routing sort (no second
-    bincount), routing probability applied inside the SwiGLU kernel, plain-sum combine.
-    ``router_mm32``: the router GEMM on the bf16 activations and weights with fp32 accumulation and fp32
-    output (``torch.mm(..., out_dtype=torch.float32)``): the same logits as upcasting both to fp32 first
-    (bf16 products are exact in fp32), without the fp32 copies and the fp32 (non-tensor-core) GEMMs."""
-    k, moe, kern = layer.moe.top_k, layer.moe, layer.kernels
-    shape = x.shape
-    tokens = x.reshape(-1, shape[-1])
-    if router_mm32 and tokens.dtype == torch.bfloat16:
-        logits = kern.router_logits(tokens, layer.router.weight.to(tokens.dtype))
-    else:
-        acc = torch.promote_types(tokens.dtype, torch.float32) if moe.router_fp32 else tokens.dtype
-        logits = tokens.to(acc) @ layer.router.weight.to(acc).t()
-    probs, topk_probs, topk_idx = kern.router_topk(logits, k, moe.normalize_topk)
-    if torch.is_autocast_enabled(x.device.type):
-        tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
-    sorted_slots, slot_to_row, counts = kern.routing_maps(topk_idx, moe.num_experts)
-    lb = load_balancing_loss(probs, counts, k)
-    zl = z_loss(logits.to(probs.dtype)) if moe.z_loss_coeff > 0 else probs.new_zeros(())
-    aux = moe.aux_loss_coeff * lb + moe.z_loss_coeff * zl
-    permuted = kern.permute(tokens, sorted_slots, slot_to_row, k)
-    row_probs = topk_probs.reshape(-1).index_select(0, sorted_slots)
-    ex = layer.experts
-    y = kern.grouped_mlp(permuted, counts, ex.w13.to(permuted.dtype), ex.w2.to(permuted.dtype), row_probs)
-    out = kern.unpermute(y, slot_to_row, None, top_k=k).view(shape).to(x.dtype)
-    if layer.training and aux.requires_grad:
-        out = AuxLossInjector.apply(out, aux, layer.aux_loss_scale)
-    return out
-
-
 def build_layer(backend: str, args, seed=0):
     torch.manual_seed(seed)
     moe = MoEConfig(num_experts=args.experts, top_k=args.topk, expert_intermediate_size=args.ffn,
@@ -113,10 +78,7 @@ def bench_layers(args, res):
             layer = build_layer(b, args)
             if b == "cuda_torchplan":  # A/B: the cuda backend with every GEMM on torch._grouped_mm
                 layer.kernels = get_moe_kernels("cuda", gemm_plan="torch")
-            if b.startswith("cuda_fused"):
-                fwd = (lambda inp, L=layer, m32=(b == "cuda_fused_mm32"): fused_forward(L, inp, router_mm32=m32))
-            else:
-                fwd = layer
+            fwd = layer
             x = x0.clone().requires_grad_(True)
 
             def step(fwd=fwd, x=x):
@@ -334,11 +296,8 @@ def _bench_dispatch_at(args, res, T):
         print(f"T={T:6d} copy {copy_gbs:.0f} GB/s (read+write, {2 * n_bytes / 1e9:.2f} GB)", flush=True)
         if have:  # dispatch + combine share of the cuda layer: routing + permute fwd/bwd + combine fwd/bwd
             d = sum(res[f"op_{n}_ours_T{T}_ms"] for n in ("routing_maps", "permute_fwd", "permute_bwd",
-                                                         "combine_fwd", "combine_bwd_probs"))
-            d_fused = sum(res[f"op_{n}_ours_T{T}_ms"] for n in ("routing_maps", "permute_fwd", "permute_bwd",
-                                                               "combine_fwd", "combine_bwd_plain"))
+                                                         "combine_fwd", "combine_bwd_plain"))
             res[f"dispatch_combine_cuda_T{T}_ms"] = d
-            res[f"dispatch_combine_cuda_fused_T{T}_ms"] = d_fused
 
 
 def ceilings(res):
@@ -373,7 +332,7 @@ def summary(args, res, anchor):
                          f"{100 * res[f'gemm_ours_vs_best_T{T}']:.1f}% of best grouped; dense equal-FLOP "
                          f"{res[f'gemm_total_dense_T{T}_ms']:.2f} ms")
         if f"dispatch_combine_cuda_T{T}_ms" in res:
-            for b, key in (("cuda", "dispatch_combine_cuda"), ("cuda_fused", "dispatch_combine_cuda_fused")):
+            for b, key in (("cuda", "dispatch_combine_cuda"),):
                 lt = res.get(f"layer_{b}_T{T}_ms")
                 if lt:
                     lines.append(f"   dispatch+combine share [{b}]: {res[f'{key}_T{T}_ms']:.2f} ms = "
@@ -394,8 +353,7 @@ def main():
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--ffn", type=int, default=1080)
-    ap.add_argument("--backends", nargs="+", default=["reference", "torch", "grouped_gemm", "cuda_torchplan", "cuda",
-                                                          "cuda_fused", "cuda_fused_mm32"])
+    ap.add_argument("--backends", nargs="+", default=["reference", "torch", "grouped_gemm", "cuda_torchplan", "cuda"])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per layer (median reported)")
     ap.add_argument("--gemm-tokens", type=int, nargs="*", default=[8192, 16384, 32768])
     ap.add_argument("--reference-max-tokens", type=int, default=32768)

@@ -180,9 +180,10 @@ def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, d
         perform_initialization=False,
         use_cpu_initialization=device.type == "cpu",
         gradient_accumulation_fusion=False,
-        # gloo matches point-to-point messages between two ranks in posting order, and a batched
-        # send/recv to the same peer (pp=2 interleaving: next == prev) can cross its tensors; megatron's
-        # unbatched path orders the ops by rank parity and splits the directions over two groups
-        batch_p2p_comm=device.type != "cpu",
+        # a batched send/recv to the same peer (pp=2 interleaving: next == prev) can cross its tensors:
+        # seen on gloo and on NCCL (H200, pp2 with virtual stages: wrong loss); megatron's unbatched path
+        # orders the ops by rank parity and splits the directions over two groups (Megatron-LM's own
+        # default for interleaved schedules). Plain 1F1B on GPU keeps the batched path.
+        batch_p2p_comm=device.type != "cpu" and not parallel.virtual_pipeline,
         bf16=params_dtype == torch.bfloat16,
     )
