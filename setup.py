@@ -81,7 +81,9 @@ setup(
             "chatterbot-corpus",
         ],
         # test-only dependencies (transformers is the independent oracle for RoPE/YaRN and HF export)
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46"],
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "lm-eval==0.4.13", "matplotlib"],
+        # evaluation harness adapter and the loss/MFU plots of `engmoe report`
+        "eval": ["lm-eval==0.4.13", "matplotlib"],
         # optional fast GPU backends, used when importable
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "grouped_gemm"],
     },

@@ -65,6 +65,16 @@ def _slurm(args) -> int:
     return 0
 
 
+def _register_extensions(sub) -> None:
+    """Subcommands that live with their packages (each module's ``register(subparsers)``)."""
+    from engmoe.eval.cli import register as register_eval
+    from engmoe.export.cli import register as register_export
+    from engmoe.report.cli import register as register_report
+
+    for register in (register_export, register_eval, register_report):
+        register(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--env-setup", default=None, help="shell line run before training (module load, venv)")
     j.add_argument("--out", default=None)
     j.set_defaults(fn=_slurm)
+    _register_extensions(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # everything after -- goes to the job
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
