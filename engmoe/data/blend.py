@@ -224,19 +224,20 @@ def check_report(blend: Blend, resolved: ResolvedBlend, token_budget: Optional[f
         if e.weight == 0:
             lines.append(f"| {e.name} | 0 % | | | | | unused (weight 0) |")
         elif d is None:
-            lines.append(f"| {e.name} | {100 * w:.1f} % | | | {_fmt(drawn)} | | MISSING |")
+            lines.append(f"| {e.name} | {100 * w:.1f} % | | | {format_count(drawn)} | | MISSING |")
         else:
             epochs = f"{drawn / d.tokens:.2f}" if drawn else ""
-            lines.append(f"| {e.name} | {100 * w:.1f} % | {d.documents:,} | {_fmt(d.tokens)} | {_fmt(drawn)} | "
+            lines.append(f"| {e.name} | {100 * w:.1f} % | {d.documents:,} | {format_count(d.tokens)} | {format_count(drawn)} | "
                          f"{epochs} | ok |")
-    lines.append(f"| **total** | 100 % | {sum(d.documents for d in resolved.datasets):,} | {_fmt(resolved.tokens)} | "
-                 f"{_fmt(token_budget)} | | {'ok' if not resolved.missing else f'{len(resolved.missing)} missing'} |")
+    lines.append(f"| **total** | 100 % | {sum(d.documents for d in resolved.datasets):,} | {format_count(resolved.tokens)} | "
+                 f"{format_count(token_budget)} | | {'ok' if not resolved.missing else f'{len(resolved.missing)} missing'} |")
     if resolved.missing:
         lines += ["", "missing:"] + [f"  - {m}" for m in resolved.missing]
     return "\n".join(lines)
 
 
-def _fmt(n: Optional[float]) -> str:
+def format_count(n: Optional[float]) -> str:
+    """1.5e12 → '1.50T' (tables of token counts); '' for None."""
     if n is None:
         return ""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):

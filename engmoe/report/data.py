@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from engmoe.data.blend import format_count as _fmt
+
 COPYRIGHT_SEEN = "copyright_seen"
 
 
@@ -73,15 +75,6 @@ def collect_stage(blend_path: str | Path, data_root: Optional[str | Path], budge
             row.status = "MISSING"
         rows.append(row)
     return StageData(blend.name, str(blend_path), rows, budget)
-
-
-def _fmt(n: Optional[float]) -> str:
-    if n is None:
-        return ""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def _stage_table(s: StageData) -> list[str]:
