@@ -119,3 +119,13 @@ def test_bad_stage_and_config_errors(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--stage", "1", "--set",
                           "stage.global_batch=zero"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode != 0 and "stage.global_batch" in bad.stderr
+
+
+def test_mid_training_demo_trains_on_packed_loss_masked_chat(demo_root, tmp_path):
+    """The packed path end to end: document ids, restarted positions and assistant-only loss reach the model."""
+    out = _run(_cmd(1, "mid-training", tmp_path / "mid", demo_root, "--set", "stage.init_from=null",
+                    "--set", "stage.train_steps=6", "--set", "stage.eval_interval=6", "--set", "stage.log_interval=2"))
+    assert "demo chat conversations (packed)" in out
+    valid = _valid(out)
+    assert len(valid) == 2 and valid[1] < valid[0], valid
+    assert (tmp_path / "mid" / "latest").read_text() == "6"
