@@ -45,7 +45,6 @@ def _smoke(args) -> int:
 
 
 def _slurm(args) -> int:
-    from pathlib import Path
 
     from engmoe import slurm
 
@@ -56,9 +55,9 @@ def _slurm(args) -> int:
     else:
         text = slurm.render("tokenize.sbatch", slurm.tokenize_values(**extra))
     if args.out:
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        from engmoe.io import write_text_atomic
+
+        write_text_atomic(args.out, text)
         print(f"wrote {args.out}: submit with `sbatch {args.out}`")
     else:
         print(text)

@@ -470,6 +470,14 @@ def _nest(keys: list[str], value: Any) -> dict:
     return out
 
 
+def apply_overrides(cfg: "Config", overrides: tuple[str, ...] | list[str]) -> "Config":
+    """Merge ``a.b=c`` overrides into ``cfg`` in place, type-checked (validation is the caller's)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        merge_into(cfg, _nest(keys, value), "", f"--set {text}")
+    return cfg
+
+
 def model_preset_path(name: str) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -520,9 +528,7 @@ def load_config(
         cfg.model = load_model_config(model)
     for f in files:
         merge_into(cfg, read_yaml(f), "", str(f))
-    for text in overrides:
-        keys, value = parse_override(text)
-        merge_into(cfg, _nest(keys, value), "", f"--set {text}")
+    apply_overrides(cfg, overrides)
     try:
         return cfg.validate()
     except ConfigError as e:
@@ -533,10 +539,9 @@ def load_config(
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), e.g. next to a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    from engmoe.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_yaml_file(path: str | Path) -> Config:

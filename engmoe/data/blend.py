@@ -248,10 +248,8 @@ def format_count(n: Optional[float]) -> str:
 
 def write_blend(path: str | Path, name: str, datasets: dict[str, dict], split: str = "998,2,0") -> Path:
     """Write a blend YAML atomically (the demo corpus and tests make theirs this way)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump({"name": name, "split": split, "datasets": datasets}, sort_keys=False))
-    tmp.replace(path)
-    return path
+    from engmoe.io import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump({"name": name, "split": split, "datasets": datasets},
+                                                  sort_keys=False))
 

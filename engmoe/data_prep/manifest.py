@@ -8,10 +8,9 @@ token counts from it without opening any ``.bin``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 MANIFEST_FORMAT = "engmoe-manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -19,15 +18,6 @@ MANIFEST_NAME = "manifest.json"
 
 class ManifestError(ValueError):
     """A manifest or rank record is missing or malformed; the message names the file and field."""
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-    os.replace(tmp, path)
-    return path
 
 
 def rank_record_path(output_dir: str | Path, shard_name: str, rank: int) -> Path:

@@ -28,7 +28,15 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
-from engmoe.data.tokenizer import BOS, EOD, SINGLE_WORD_SPECIALS, SPECIAL_TOKENS, UNK, load_tokenizer
+from engmoe.data.tokenizer import (
+    BOS,
+    EOD,
+    SINGLE_WORD_SPECIALS,
+    SPECIAL_TOKENS,
+    UNK,
+    load_tokenizer,
+)
+from engmoe.io import iter_jsonl
 
 #: the Tekken pre-tokenizer regex (tiktoken ``pat_str`` of tekken_240718.json); trained tokenizers use it too
 TEKKEN_PATTERN = (
@@ -296,18 +304,11 @@ def iter_texts(paths: Sequence[str | Path], text_key: str = "text") -> Iterator[
         opener = gzip.open if name.endswith(".gz") else open
         stem = name.removesuffix(".gz")
         if stem.endswith(".jsonl"):
-            with opener(p, "rt", encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{p}:{lineno}: invalid JSON ({e})") from None
-                    text = record.get(text_key) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{p}:{lineno}: expected a string field {text_key!r} in each record")
-                    yield text
+            for lineno, record in iter_jsonl(p):
+                text = record.get(text_key) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{p}:{lineno}: expected a string field {text_key!r} in each record")
+                yield text
         elif stem.endswith(".txt"):
             with opener(p, "rt", encoding="utf-8", newline="") as f:
                 chunk: list[str] = []

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from engmoe.io import write_text_atomic
 
 
 def _write(path: str | None, text: str) -> None:
     if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        write_text_atomic(path, text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

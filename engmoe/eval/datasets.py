@@ -12,12 +12,13 @@ Sources, by what ``--data`` names:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from engmoe.io import iter_jsonl
 
 
 @dataclass
@@ -74,19 +75,12 @@ def jsonl_sets(path: str | Path, tokenizer, max_tokens: Optional[int], text_key:
         raise ValueError(f"--data {path}: a .jsonl set needs a tokenizer (pass --tokenizer)")
     path = Path(path)
     groups: dict[str, list[list[int]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
-            text = rec.get(text_key) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {text_key!r}: expected a string")
-            name = str(rec.get("lang") or rec.get("language") or path.stem)
-            groups.setdefault(name, []).append(tokenizer.encode(text) + [tokenizer.eod])
+    for lineno, rec in iter_jsonl(path):
+        text = rec.get(text_key) if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: field {text_key!r}: expected a string")
+        name = str(rec.get("lang") or rec.get("language") or path.stem)
+        groups.setdefault(name, []).append(tokenizer.encode(text) + [tokenizer.eod])
     if not groups:
         raise ValueError(f"{path}: no records")
     return [EvalSet(name, str(path), _limit(docs, max_tokens)) for name, docs in groups.items()]

@@ -14,7 +14,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from engmoe.config import Config, ConfigError, ParallelConfig, config_from_yaml_file, merge_into, parse_override
+from engmoe.config import Config, ConfigError, ParallelConfig, config_from_yaml_file
+from engmoe.config import apply_overrides as config_overrides
 
 
 @dataclass
@@ -48,12 +49,7 @@ class InferenceModel:
 
 def apply_overrides(cfg: Config, overrides: Sequence[str], source: str) -> Config:
     """``a.b=c`` overrides on a loaded config, type-checked and validated like ``--set`` at training."""
-    for text in overrides:
-        keys, value = parse_override(text)
-        nested: object = value
-        for key in reversed(keys):
-            nested = {key: nested}
-        merge_into(cfg, nested, "", f"--set {text}")
+    config_overrides(cfg, overrides)
     try:
         return cfg.validate()
     except ConfigError as e:

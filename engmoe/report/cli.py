@@ -1,16 +1,13 @@
 """``engmoe report {compute, data, curves}`` (registered into the ``engmoe`` command by engmoe/cli.py)."""
 from __future__ import annotations
 
-from pathlib import Path
+
+from engmoe.io import write_text_atomic
 
 
 def _write(path: str | None, text: str) -> None:
     if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        write_text_atomic(path, text)
 
 
 def _peak(args) -> tuple[float, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -71,7 +71,8 @@ def samples_needed(cfg: Config) -> int:
 
 
 def _rank0_first(fn):
-    """Run ``fn`` on global rank 0 first (it may build files), then on the other ranks (which load them)."""
+    """Run ``fn`` on global rank 0 first (it may build files), then on the other ranks (which load them).
+    For our own builders (the demo corpus); megatron's dataset builder does this itself."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -106,9 +107,9 @@ def build_train_data(cfg: Config, device: torch.device) -> TrainData:
                                                     valid_blend=demo.chat_valid_blend)
             desc = f"demo chat conversations (packed) at {demo.root}"
         else:
-            train, valid, _ = _rank0_first(lambda: build_gpt_datasets(
-                demo.train_blend, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed, valid_blend=demo.valid_blend,
-                cache_dir=megatron_cache_dir(demo.root)))
+            # megatron's builder is distributed-aware: rank 0 writes the index caches, the others load them
+            train, valid, _ = build_gpt_datasets(demo.train_blend, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed,
+                                                 valid_blend=demo.valid_blend, cache_dir=megatron_cache_dir(demo.root))
             desc = f"demo corpus at {demo.root}"
     else:
         from engmoe.data.blend import load_blend, resolve_blend
@@ -122,8 +123,8 @@ def build_train_data(cfg: Config, device: torch.device) -> TrainData:
             train, valid, _ = build_packed_datasets(resolved, seq, (n_train, n_valid))
         else:
             cache = megatron_cache_dir(cfg.data.data_root)
-            train, valid, _ = _rank0_first(lambda: build_gpt_datasets(resolved, tokenizer, seq, (n_train, n_valid, 0),
-                                                                      cfg.stage.seed, cache_dir=cache))
+            train, valid, _ = build_gpt_datasets(resolved, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed,
+                                                 cache_dir=cache)
         desc = f"blend {cfg.data.blend} ({resolved.tokens:,} tokens in {len(resolved.datasets)} datasets)"
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

@@ -24,9 +24,8 @@ from engmoe.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
 from engmoe.data_prep import tokenizer_build
 from engmoe.data_prep.tokenizer_build import build_tekken_tokenizer, train_bpe_tokenizer
 
-tekken_mod = pytest.importorskip(
-    "mistral_common.tokens.tokenizers.tekken",
-    reason="mistral-common is needed to build Tekken and as the parity oracle (pip install mistral-common)")
+# mistral-common (the `data` extra) is the parity oracle: a missing install must fail, not skip
+import mistral_common.tokens.tokenizers.tekken as tekken_mod  # noqa: E402
 
 TEKKEN_SPECIAL_BASE = 131072
 PARITY_TEXTS = {

@@ -1,5 +1,4 @@
 """The whole transformer: parameter counts, layout-independent init, shapes, and that it learns."""
-import dataclasses
 
 import pytest
 import torch
