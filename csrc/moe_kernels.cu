@@ -537,6 +537,92 @@ __global__ void __launch_bounds__(kBlock) topk_softmax_bwd_kernel(
 }
 
 // ------------------------------------------------------------------------------------------------
+// cross-entropy: one block per logits row; online (max, sum-exp) in fp32, one read of the row
+// ------------------------------------------------------------------------------------------------
+constexpr int kCeBlock = 512;
+
+// merge two (max, sum of exp(x - max)) pairs
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;  // both empty
+  s = s * expf(m - mn) + s2 * expf(m2 - mn);
+  m = mn;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(kCeBlock) ce_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
+                                                            float* __restrict__ row_max, float* __restrict__ row_sumexp,
+                                                            float* __restrict__ row_target, int64_t Vv, int64_t V,
+                                                            int64_t vocab_start) {
+  using VT = Vec<T, N>;
+  const int64_t r = blockIdx.x;
+  const VT* __restrict__ xv = reinterpret_cast<const VT*>(x + r * V);
+  float m = -INFINITY, s = 0.0f;
+  for (int64_t c = threadIdx.x; c < Vv; c += blockDim.x) {
+    const VT v = xv[c];
+    float f[N];
+    float vmax = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      f[n] = to_f(v.v[n]);
+      vmax = fmaxf(vmax, f[n]);
+    }
+    const float mn = fmaxf(m, vmax);
+    if (mn == -INFINITY) continue;
+    float acc = s * expf(m - mn);
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc += expf(f[n] - mn);
+    m = mn;
+    s = acc;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    lse_merge(m, s, m2, s2);
+  }
+  __shared__ float sm[kCeBlock / 32], ss[kCeBlock / 32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float bm = sm[0], bs = ss[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) lse_merge(bm, bs, sm[w], ss[w]);
+    row_max[r] = bm;
+    row_sumexp[r] = bs;
+    const int64_t t = target[r] - vocab_start;
+    row_target[r] = (t >= 0 && t < V) ? to_f(x[r * V + t]) : 0.0f;
+  }
+}
+
+// gx may alias x (in-place backward): each element is read, then written, by the same thread
+template <typename T, int N>
+__global__ void __launch_bounds__(kCeBlock) ce_bwd_kernel(const T* x, const int64_t* __restrict__ target,
+                                                          const float* __restrict__ row_max,
+                                                          const float* __restrict__ inv_sumexp,
+                                                          const float* __restrict__ grad, T* gx, int64_t Vv,
+                                                          int64_t V, int64_t vocab_start) {
+  using VT = Vec<T, N>;
+  const int64_t r = blockIdx.x;
+  const VT* xv = reinterpret_cast<const VT*>(x + r * V);
+  VT* gv = reinterpret_cast<VT*>(gx + r * V);
+  const float m = row_max[r], inv = inv_sumexp[r], g = grad[r];
+  const int64_t t = target[r] - vocab_start;
+  for (int64_t c = threadIdx.x; c < Vv; c += blockDim.x) {
+    const VT v = xv[c];
+    VT o;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      const float p = expf(to_f(v.v[n]) - m) * inv;
+      o.v[n] = from_f<T>((p - (c * N + n == t ? 1.0f : 0.0f)) * g);
+    }
+    gv[c] = o;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // dispatch helpers
 // ------------------------------------------------------------------------------------------------
 template <typename F>
@@ -749,6 +835,46 @@ cudaError_t launch_topk_softmax_bwd(const float* grad_probs, const float* grad_t
     const unsigned grid = grid_for(T, kBlock / 32);
     topk_softmax_bwd_kernel<EPL><<<grid, kBlock, 0, stream>>>(grad_probs, grad_topk, probs, topk_probs, topk_idx,
                                                               grad_logits, T, E, k, renorm);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_ce_stats(DType dt, const void* logits, const int64_t* target, float* row_max, float* row_sumexp,
+                            float* row_target, int64_t N, int64_t V, int64_t vocab_start, bool vec_ok,
+                            cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (N > 0x7fffffffLL) return cudaErrorInvalidValue;
+  return with_dtype(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    constexpr int NV = vec_n<Ty>();
+    const unsigned grid = static_cast<unsigned>(N);
+    if (vec_ok)
+      ce_stats_kernel<Ty, NV><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+                                                             row_sumexp, row_target, V / NV, V, vocab_start);
+    else
+      ce_stats_kernel<Ty, 1><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+                                                            row_sumexp, row_target, V, V, vocab_start);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_ce_bwd(DType dt, const void* logits, const int64_t* target, const float* row_max,
+                          const float* inv_sumexp, const float* grad, void* grad_logits, int64_t N, int64_t V,
+                          int64_t vocab_start, bool vec_ok, cudaStream_t stream) {
+  if (N == 0 || V == 0) return cudaSuccess;
+  if (N > 0x7fffffffLL) return cudaErrorInvalidValue;
+  return with_dtype(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    constexpr int NV = vec_n<Ty>();
+    const unsigned grid = static_cast<unsigned>(N);
+    if (vec_ok)
+      ce_bwd_kernel<Ty, NV><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+                                                           inv_sumexp, grad, static_cast<Ty*>(grad_logits), V / NV,
+                                                           V, vocab_start);
+    else
+      ce_bwd_kernel<Ty, 1><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+                                                          inv_sumexp, grad, static_cast<Ty*>(grad_logits), V, V,
+                                                          vocab_start);
     return cudaGetLastError();
   });
 }

@@ -50,6 +50,20 @@ cudaError_t launch_topk_softmax_bwd(const float* grad_probs, const float* grad_t
                                     const float* topk_probs, const int64_t* topk_idx, float* grad_logits, int64_t T,
                                     int E, int k, bool renorm, cudaStream_t stream);
 
+// ---- cross-entropy over a row of (vocab-parallel shard) logits, fp32 math on any float logits -------------
+// stats: row_max[r], row_sumexp[r] = sum_j exp(x[r, j] - row_max[r]), row_target[r] = x[r, t - vocab_start]
+// when the target t falls in this shard, else 0. The global max and sum-exp are combined from these (over the
+// tensor-parallel ranks) by the caller.
+cudaError_t launch_ce_stats(DType dt, const void* logits, const int64_t* target, float* row_max, float* row_sumexp,
+                            float* row_target, int64_t N, int64_t V, int64_t vocab_start, bool vec_ok,
+                            cudaStream_t stream);
+// backward, in place allowed (grad_logits may equal logits):
+//   (exp(x - row_max[r]) * inv_sumexp[r] - [j == t]) * grad[r]   with the global (all-shard) max and sum-exp:
+// the softmax as exp(x - max) / sum, not exp(x - lse), whose rounded lse would cost ~1e-6 relative in fp32
+cudaError_t launch_ce_bwd(DType dt, const void* logits, const int64_t* target, const float* row_max,
+                          const float* inv_sumexp, const float* grad, void* grad_logits, int64_t N, int64_t V,
+                          int64_t vocab_start, bool vec_ok, cudaStream_t stream);
+
 constexpr int kMaxRoutingExperts = 1024;
 constexpr int kMaxRouterExperts = 256;
 

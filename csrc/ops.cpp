@@ -233,6 +233,47 @@ at::Tensor topk_softmax_bwd(const std::optional<at::Tensor>& grad_probs, const s
   return gl;
 }
 
+// cross-entropy on [N, V] logits (a vocab-parallel shard starting at vocab_start); returns fp32 row stats
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_stats(const at::Tensor& logits, const at::Tensor& target,
+                                                        int64_t vocab_start) {
+  check_cuda(logits, "ce_stats", "logits");
+  TORCH_CHECK(logits.dim() == 2, "engmoe::ce_stats: logits must be [N, V]");
+  TORCH_CHECK(logits.is_contiguous(), "engmoe::ce_stats: logits must be contiguous");
+  c10::cuda::CUDAGuard guard(logits.device());
+  const auto t = index_tensor(target, "ce_stats", "target");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(t.numel() == N, "engmoe::ce_stats: target has ", t.numel(), " entries, expected ", N);
+  const auto fopts = logits.options().dtype(at::kFloat);
+  auto row_max = at::empty({N}, fopts), row_sumexp = at::empty({N}, fopts), row_target = at::empty({N}, fopts);
+  const bool v = vec_ok(V, logits.element_size(), {logits});
+  check_launch(launch_ce_stats(to_dtype(logits, "ce_stats"), logits.data_ptr(), t.data_ptr<int64_t>(),
+                               row_max.data_ptr<float>(), row_sumexp.data_ptr<float>(), row_target.data_ptr<float>(),
+                               N, V, vocab_start, v, c10::cuda::getCurrentCUDAStream()),
+               "ce_stats");
+  return {row_max, row_sumexp, row_target};
+}
+
+// in place: logits <- (softmax(logits) - onehot(target)) * grad, softmax = exp(x - row_max) / sumexp with the
+// global (all vocabulary shards) row max and sum-exp
+void ce_bwd_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row_max, const at::Tensor& sumexp,
+             const at::Tensor& grad, int64_t vocab_start) {
+  check_cuda(logits, "ce_bwd_", "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "engmoe::ce_bwd_: logits must be contiguous [N, V]");
+  c10::cuda::CUDAGuard guard(logits.device());
+  const auto t = index_tensor(target, "ce_bwd_", "target");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto m = row_max.to(at::kFloat).contiguous();
+  const auto inv = sumexp.to(at::kFloat).reciprocal().contiguous();
+  const auto g = grad.to(at::kFloat).contiguous();
+  TORCH_CHECK(t.numel() == N && m.numel() == N && inv.numel() == N && g.numel() == N,
+              "engmoe::ce_bwd_: target/row_max/sumexp/grad need ", N, " entries");
+  const bool v = vec_ok(V, logits.element_size(), {logits});
+  check_launch(launch_ce_bwd(to_dtype(logits, "ce_bwd_"), logits.data_ptr(), t.data_ptr<int64_t>(),
+                             m.data_ptr<float>(), inv.data_ptr<float>(), g.data_ptr<float>(), logits.data_ptr(), N, V,
+                             vocab_start, v, c10::cuda::getCurrentCUDAStream()),
+               "ce_bwd_");
+}
+
 }  // namespace
 }  // namespace engmoe
 
@@ -245,6 +286,8 @@ TORCH_LIBRARY(engmoe, m) {
   m.def("swiglu_bwd(Tensor grad_out, Tensor h, Tensor? row_scale, bool need_grad_scale) -> (Tensor, Tensor)");
   m.def("topk_softmax(Tensor logits, int k, bool renorm) -> (Tensor, Tensor, Tensor)");
   m.def("topk_softmax_bwd(Tensor? grad_probs, Tensor? grad_topk, Tensor probs, Tensor topk_probs, Tensor topk_idx, bool renorm) -> Tensor");
+  m.def("ce_stats(Tensor logits, Tensor target, int vocab_start) -> (Tensor, Tensor, Tensor)");
+  m.def("ce_bwd_(Tensor(a!) logits, Tensor target, Tensor row_max, Tensor sumexp, Tensor grad, int vocab_start) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(engmoe, CUDA, m) {
@@ -256,6 +299,8 @@ TORCH_LIBRARY_IMPL(engmoe, CUDA, m) {
   m.impl("swiglu_bwd", &engmoe::swiglu_bwd);
   m.impl("topk_softmax", &engmoe::topk_softmax);
   m.impl("topk_softmax_bwd", &engmoe::topk_softmax_bwd);
+  m.impl("ce_stats", &engmoe::ce_stats);
+  m.impl("ce_bwd_", &engmoe::ce_bwd_);
 }
 
 // `import engmoe._C` loads this library (and so runs the registrations above); the module itself is empty.

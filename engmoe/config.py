@@ -108,6 +108,11 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     attention_backend: str = "auto"
+    # "fused": engmoe's one-pass cross-entropy on bf16 logits (fp32 math, gradient written in place);
+    # "megatron": megatron-core's vocab_parallel_cross_entropy on an fp32 copy of the logits.
+    cross_entropy: str = "fused"
+    # Fuse the fp32 elementwise chains (RMSNorm, rotary) with torch.compile on GPU (engmoe.model.compiled).
+    compile_elementwise: bool = True
 
     def validate(self, where: str = "model") -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
@@ -123,6 +128,8 @@ class ModelConfig:
         _check(self.init_std > 0, f"{where}.init_std", "must be > 0")
         _check(self.attention_backend in ATTENTION_BACKENDS, f"{where}.attention_backend",
                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        _check(self.cross_entropy in ("fused", "megatron"), f"{where}.cross_entropy",
+               f"must be fused or megatron, got {self.cross_entropy!r}")
         self.rope.validate(f"{where}.rope")
         self.moe.validate(f"{where}.moe")
 
@@ -135,8 +142,9 @@ class ModelConfig:
 class ParallelConfig:
     """Parallel layout; the data-parallel size is derived as world / (tp · pp · cp).
 
-    Expert parallelism folds onto the other dimensions as in megatron-core: the ``expert`` group is
-    carved out of the tp·cp·dp ranks of a pipeline stage, so it may span data- and context-parallel ranks.
+    Expert parallelism folds onto the other dimensions as in megatron-core: the ``expert_tensor``·``expert``
+    groups are carved out of the tp·cp·dp ranks of a pipeline stage, so they may span data- and
+    context-parallel ranks; what is left is the expert-data-parallel size world / (pp·ep·etp).
     """
 
     tensor: int = 1
@@ -144,7 +152,9 @@ class ParallelConfig:
     # Model chunks per pipeline rank (megatron's interleaved 1F1B); null = plain 1F1B.
     virtual_pipeline: Optional[int] = None
     expert: int = 1
-    # Tensor parallelism inside the experts. Only 1 is implemented: experts are whole on a rank.
+    # Tensor parallelism inside the experts (megatron's expert_tensor_parallel_size): each expert's FFN is
+    # split over this many ranks along its intermediate size; independent of `tensor`. The expert·expert_tensor
+    # group folds onto the tensor·context·data ranks of a pipeline stage, like `expert` alone.
     expert_tensor: int = 1
     context: int = 1
     # Required when tensor > 1 (MoE routes the tokens of a sequence shard, as megatron-core requires).
@@ -172,9 +182,6 @@ class ParallelConfig:
         _check(self.tensor == 1 or self.sequence_parallel, f"{where}.sequence_parallel",
                f"must be true when tensor={self.tensor} > 1: the MoE layers route the sequence shard of each "
                "tensor-parallel rank (megatron-core refuses MoE with TP and without SP for the same reason)")
-        _check(self.expert_tensor == 1, f"{where}.expert_tensor",
-               f"only 1 is implemented (experts are whole on a rank; use parallel.expert to shard them), "
-               f"got {self.expert_tensor}")
         _check(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, f"{where}.ddp_bucket_size",
                "must be >= 1 or null")
 
@@ -195,7 +202,8 @@ class ParallelConfig:
                f"{self.tensor}·{self.pipeline}·{self.context} = {mp}")
         per_stage = world // self.pipeline
         expert_group = self.expert * self.expert_tensor
-        _check(per_stage % expert_group == 0, f"{where}.expert",
+        fields = f"{where}.expert" + (f", {where}.expert_tensor" if self.expert_tensor > 1 else "")
+        _check(per_stage % expert_group == 0, fields,
                f"expert·expert_tensor = {expert_group} must divide the ranks of a pipeline stage "
                f"(world/pipeline = {world}/{self.pipeline} = {per_stage}): the expert group folds onto the "
                "tensor·context·data ranks")
@@ -259,6 +267,10 @@ class StageConfig:
     init_from: Optional[str] = None
     seed: int = 1234
     precision: Literal["bf16", "fp32"] = "bf16"
+    # Parameter dtype. "auto": bf16 parameters with fp32 master weights in the optimizer (megatron's --bf16
+    # layout: no per-micro-batch weight casts) when precision is bf16 on a GPU; fp32 otherwise (CPU runs,
+    # precision fp32). "fp32": fp32 parameters under bf16 autocast (casts every micro-batch). "bf16": force.
+    param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     log_interval: int = 10
     eval_interval: int = 1000
     eval_batches: int = 10
@@ -275,6 +287,10 @@ class StageConfig:
     tensorboard: bool = True
 
     def validate(self, where: str = "stage") -> None:
+        _check(self.param_dtype in ("auto", "fp32", "bf16"), f"{where}.param_dtype",
+               f"must be auto, fp32 or bf16, got {self.param_dtype!r}")
+        _check(not (self.param_dtype == "bf16" and self.precision == "fp32"), f"{where}.param_dtype",
+               "bf16 parameters need precision bf16")
         for name in ("train_steps", "global_batch", "micro_batch", "log_interval", "eval_interval",
                      "save_interval"):
             _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -316,6 +332,9 @@ def validate_layout(cfg: "Config") -> None:
            "whole KV groups; tensor parallelism beyond the KV heads would need KV replication)")
     _check(m.moe.num_experts % par.expert == 0, "parallel.expert",
            f"{par.expert} must divide model.moe.num_experts={m.moe.num_experts}")
+    _check(m.moe.expert_intermediate_size % par.expert_tensor == 0, "parallel.expert_tensor",
+           f"{par.expert_tensor} must divide model.moe.expert_intermediate_size={m.moe.expert_intermediate_size} "
+           "(each expert-tensor-parallel rank holds an equal slice of every expert's FFN)")
     stages = par.pipeline * par.virtual_stages
     _check(stages <= m.num_layers, "parallel.pipeline",
            f"pipeline·virtual_pipeline = {par.pipeline}·{par.virtual_stages} = {stages} exceeds "

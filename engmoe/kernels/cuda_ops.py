@@ -141,6 +141,15 @@ def _register_python_side() -> None:
     def _(grad_probs, grad_topk, probs, topk_probs, topk_idx, renorm):
         return probs.new_empty(probs.shape, dtype=torch.float32)
 
+    @torch.library.register_fake(lib + "ce_stats")
+    def _(logits, target, vocab_start):
+        n = logits.shape[0]
+        return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+    @torch.library.register_fake(lib + "ce_bwd_")
+    def _(logits, target, row_max, sumexp, grad, vocab_start):
+        return None
+
     # ---- autograd ----
     def permute_setup(ctx, inputs, output):
         x, slot_to_row, top_k, num_rows = inputs
@@ -281,3 +290,22 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             and _mm_out_dtype_ok(x.device)):
         return _RouterLogits.apply(x, weight)
     return reference.router_logits(x, weight)
+
+
+def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(max, sum exp(x - max), x[target])`` of ``[N, V]`` logits in fp32 (see
+    ``reference.cross_entropy_stats``)."""
+    if _fast(logits) and logits.is_contiguous():
+        return torch.ops.engmoe.ce_stats(logits, target, vocab_start)
+    return reference.cross_entropy_stats(logits, target, vocab_start)
+
+
+def cross_entropy_backward_(logits: torch.Tensor, target: torch.Tensor, row_max: torch.Tensor, sumexp: torch.Tensor,
+                            grad: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """``logits`` overwritten with ``(softmax(logits) - onehot(target)) * grad`` (softmax from the global row
+    max and sum-exp) and returned."""
+    if _fast(logits) and logits.is_contiguous():
+        torch.ops.engmoe.ce_bwd_(logits, target, row_max, sumexp, grad, vocab_start)
+        return logits
+    return reference.cross_entropy_backward_(logits, target, row_max, sumexp, grad, vocab_start)

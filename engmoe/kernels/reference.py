@@ -110,3 +110,32 @@ def router_topk(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torc
     if normalize:
         topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
     return probs, topk_probs, topk_idx
+
+
+def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``[N, V]`` logits (a vocab shard whose first column is token ``vocab_start``), in fp32:
+    the max, the sum of ``exp(x - max)``, and the target's logit (0 where the target is in another shard)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    row_max = x.max(dim=-1).values
+    sumexp = (x - row_max[:, None]).exp().sum(dim=-1)
+    local = target - vocab_start
+    inside = (local >= 0) & (local < x.shape[-1])
+    picked = x.gather(1, local.clamp(0, x.shape[-1] - 1)[:, None]).squeeze(1)
+    return row_max, sumexp, torch.where(inside, picked, torch.zeros_like(picked))
+
+
+def cross_entropy_backward_(logits: torch.Tensor, target: torch.Tensor, row_max: torch.Tensor, sumexp: torch.Tensor,
+                            grad: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """``(softmax(x) - onehot(target)) * grad`` per row, the softmax as ``exp(x - row_max) / sumexp`` with the
+    global (all-shard) row max and sum-exp, written into ``logits`` (not needed after the backward).
+    Not ``exp(x - lse)``: the rounding of an fp32 lse (~1e-6 absolute at lse ≈ 10) would become a relative
+    error of every probability."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    g = (x - row_max[:, None].to(x.dtype)).exp() / sumexp[:, None].to(x.dtype)
+    local = target - vocab_start
+    inside = (local >= 0) & (local < x.shape[-1])
+    rows = torch.nonzero(inside).flatten()
+    g[rows, local[rows]] -= 1.0
+    logits.copy_(g * grad.to(x.dtype)[:, None])
+    return logits

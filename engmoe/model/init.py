@@ -4,7 +4,7 @@ Every parameter is drawn as its *full, unsharded* tensor from a generator seeded
 parameter name[, expert id]) and then sliced to this rank's shard. So a model built under tp2·pp2·ep2
 holds exactly the slices of the model built in one process — the basis of the equivalence tests, and
 of a run that changes layout without changing its initial weights. Experts are drawn one at a time so
-a rank only generates the experts it holds.
+a rank only generates the experts it holds (whole: under expert tensor parallelism it keeps its F-slice).
 """
 from __future__ import annotations
 
@@ -42,9 +42,12 @@ def init_weights(model: EngMoEModel, seed: int) -> None:
         std = _std_for(name, model)
         if hasattr(p, "expert_shard"):
             offset, _ = p.expert_shard
+            etp = getattr(p, "expert_tensor_shard", None)  # expert tensor parallelism: an F-slice of each
+            full_shape = etp.full_shape(p.shape[1:]) if etp is not None else p.shape[1:]
             for i in range(p.shape[0]):
                 g = _generator(seed, f"{name}#{offset + i}", p.device)
-                p[i].copy_(torch.randn(p.shape[1:], generator=g, device=p.device, dtype=torch.float32) * std)
+                full = torch.randn(full_shape, generator=g, device=p.device, dtype=torch.float32) * std
+                p[i].copy_(etp.local(full) if etp is not None else full)
             continue
         g = _generator(seed, name, p.device)
         if getattr(p, "tensor_model_parallel", False):

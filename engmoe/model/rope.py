@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engmoe.config import RopeConfig
+from engmoe.model.compiled import cuda_compiled
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, original_max_position: int) -> float:
@@ -68,6 +69,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+@cuda_compiled
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: ``[S, B, heads, D]``; cos/sin broadcast ``[S, B, 1, D]``. Computed in at least fp32."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))

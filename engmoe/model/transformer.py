@@ -17,6 +17,8 @@ from torch import nn
 
 from engmoe.config import ConfigError, ModelConfig, ParallelConfig
 from engmoe.model.attention import SelfAttention
+from engmoe.model.compiled import set_enabled as set_compile_elementwise
+from engmoe.model.cross_entropy import fused_cross_entropy
 from engmoe.model.moe import MoELayer
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding
@@ -91,6 +93,7 @@ class EngMoEModel(nn.Module):
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
         self.cfg = cfg
         self.parallel = parallel
+        set_compile_elementwise(cfg.compile_elementwise)
         self.pre_process = pre_process
         self.post_process = post_process
         self.layer_offset = layer_offset
@@ -187,14 +190,24 @@ class EngMoEModel(nn.Module):
                  if self.layers else None,
                  "lb_loss": torch.stack([m.last_stats["lb_loss"] for m in self.moe_layers()]) if self.layers else None}
         if labels is not None:
-            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-            loss = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
-            return ModelOutput(loss=loss, aux_loss=aux, stats=stats)
+            return ModelOutput(loss=self._loss(logits, labels), aux_loss=aux, stats=stats)
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         full = gather_from_tensor_model_parallel_region(logits)[..., : self.vocab_size]
         return ModelOutput(logits=full.transpose(0, 1), aux_loss=aux, stats=stats)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy ``[B, S]`` (fp32) from this rank's vocabulary shard of ``[S, B, V/tp]``."""
+        from megatron.core import parallel_state as ps
+
+        target = labels.t().contiguous()
+        if self.cfg.cross_entropy == "megatron":
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+            return vocab_parallel_cross_entropy(logits.float(), target).t()
+        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+        return fused_cross_entropy(logits, target, start, group).t()
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
         """Padding columns of the output table never win the softmax (and get no gradient)."""

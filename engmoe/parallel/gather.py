@@ -3,7 +3,9 @@
 Used by the equivalence tests (compare any layout with the single-process run) and for inspection. It
 undoes each kind of sharding in turn: ZeRO (gradient buckets sharded over data-parallel ranks: all-gather
 the bucket), tensor parallelism (all-gather along ``partition_dim``; vocabulary padding dropped), expert
-parallelism (all-gather the experts over the expert group), pipeline stages (objects gathered to rank 0).
+tensor parallelism (all-gather the F-slices over the expert-tensor group, gate and up halves reassembled),
+expert parallelism (all-gather the experts over the expert group), pipeline stages (objects gathered to
+rank 0).
 Replicas (data-parallel, tensor-replicated, expert-data-parallel copies) are compared while merging, so
 the caller also learns whether the replicas agree.
 """
@@ -44,6 +46,12 @@ def _unshard(p: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
     if hasattr(p, "expert_shard"):
+        etp = getattr(p, "expert_tensor_shard", None)
+        if etp is not None and etp.size > 1:  # F-slices → whole experts
+            group = ps.get_expert_tensor_parallel_group()
+            parts = [torch.empty_like(t) for _ in range(etp.size)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            t = etp.full(parts)
         group = ps.get_expert_model_parallel_group()
         if dist.get_world_size(group) > 1:
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]

@@ -37,9 +37,11 @@ class ParallelEnv:
     device: torch.device
 
     def describe(self) -> str:
-        """``tp2·pp2(v2)·cp1·dp1 | ep2``: the layout as one token for logs."""
+        """``tp2·pp2(v2)·cp1·dp1 | ep2`` (``… | ep2·etp2`` with expert tensor parallelism): the layout as one
+        token for logs."""
         v = f"(v{self.vpp})" if self.vpp else ""
-        return f"tp{self.tp}·pp{self.pp}{v}·cp{self.cp}·dp{self.dp} | ep{self.ep}"
+        etp = f"·etp{self.etp}" if self.etp > 1 else ""
+        return f"tp{self.tp}·pp{self.pp}{v}·cp{self.cp}·dp{self.dp} | ep{self.ep}{etp}"
 
 
 _ENV: ParallelEnv | None = None

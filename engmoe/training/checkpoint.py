@@ -8,8 +8,9 @@ Layout of a run directory::
     <save_dir>/iter_0000200.tmp/      being written (never loaded; removed on the next save)
 
 Every tensor is saved under its *global* name and global shape (layers by global number, experts by
-global id, tensor-parallel shards by offset), so a checkpoint written under one parallel layout loads
-under another. The optimizer's Adam moments are saved with their parameter's sharding: a ZeRO-sharded
+global id, tensor-parallel shards by offset; under expert tensor parallelism a rank's ``w13`` gate and up
+slices are two fragments of the canonical ``[E, H, 2F]``, its ``w2`` rows one of ``[E, F, H]``), so a
+checkpoint written under one parallel layout loads under another. The optimizer's Adam moments are saved with their parameter's sharding: a ZeRO-sharded
 optimizer first assembles each parameter's moments from the data-parallel shards (canonical form, as
 megatron's "fully reshardable" format does), so the data-parallel size and bucket layout may change too.
 """
@@ -35,30 +36,47 @@ def _iter_dir(save_dir: Path, step: int) -> Path:
     return save_dir / f"iter_{step:07d}"
 
 
-def _sharded_tensor(key: str, tensor: torch.Tensor, p: torch.nn.Parameter):
-    """A ShardedTensor for ``tensor`` laid out like parameter ``p`` on this rank."""
+def _sharded_tensors(key: str, tensor: torch.Tensor, p: torch.nn.Parameter) -> dict:
+    """ShardedTensors for ``tensor`` laid out like parameter ``p`` on this rank, by state-dict key: one
+    under ``key``, except a ``w13`` under expert tensor parallelism, whose gate and up slices are two
+    fragments of the global ``[E, H, 2F]`` tensor (``key`` and ``key + ".up"``, both of global key ``key``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
 
     if hasattr(p, "expert_shard"):
         offset, total = p.expert_shard
         local = p.shape[0]
-        return ShardedTensor.from_rank_offsets(key, tensor, (0, offset // local, total // local),
-                                               replica_id=ps.get_expert_data_parallel_rank())
+        etp = getattr(p, "expert_tensor_shard", None)
+        pieces = etp.pieces(tensor) if etp is not None else [("", tensor, None)]
+        return {key + suffix: ShardedTensor.from_rank_offsets(
+                    key, data, (0, offset // local, total // local), *([frag] if frag is not None else []),
+                    replica_id=ps.get_expert_data_parallel_rank())
+                for suffix, data, frag in pieces}
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     if getattr(p, "tensor_model_parallel", False):
         tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        return ShardedTensor.from_rank_offsets(key, tensor, (p.partition_dim, tp_rank, tp), replica_id=dp_rank,
-                                               allow_shape_mismatch=hasattr(p, "vocab_rows"))
-    return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(ps.get_tensor_model_parallel_rank(), dp_rank))
+        return {key: ShardedTensor.from_rank_offsets(key, tensor, (p.partition_dim, tp_rank, tp), replica_id=dp_rank,
+                                                     allow_shape_mismatch=hasattr(p, "vocab_rows"))}
+    return {key: ShardedTensor.from_rank_offsets(key, tensor,
+                                                 replica_id=(ps.get_tensor_model_parallel_rank(), dp_rank))}
 
 
-def model_sharded_state_dict(models: list[EngMoEModel]) -> dict:
+def _local_tensor(loaded: dict, key: str, p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's tensor for parameter ``p`` from the loaded pieces of ``_sharded_tensors(key, …)``."""
+    etp = getattr(p, "expert_tensor_shard", None)
+    if etp is None or etp.size == 1:
+        return loaded[key]
+    return etp.join([loaded[key + suffix] for suffix, _, _ in etp.pieces(p.data)])
+
+
+def model_sharded_state_dict(models: list[EngMoEModel], weights: Optional[dict] = None) -> dict:
+    """The weights by global name: ``weights[p]`` where given (the optimizer's fp32 masters of bf16
+    parameters, or fp32 buffers to load into), else the parameters themselves."""
     out = {}
     for m in models:
         for name, p in m.named_parameters():
             key = f"model.{canonical_name(m, name)}"
-            out[key] = _sharded_tensor(key, p.data, p)
+            out.update(_sharded_tensors(key, weights[p] if weights is not None else p.data, p))
     return out
 
 
@@ -72,7 +90,7 @@ def optimizer_sharded_state_dict(models: list[EngMoEModel], moments: dict) -> di
         for name, p in m.named_parameters():
             for moment in MOMENTS:
                 key = f"optimizer.{moment}.{canonical_name(m, name)}"
-                out[key] = _sharded_tensor(key, moments[p][moment], p)
+                out.update(_sharded_tensors(key, moments[p][moment], p))
     return out
 
 
@@ -104,7 +122,9 @@ def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
             shutil.rmtree(final)
         tmp.mkdir()
     dist.barrier()
-    state = model_sharded_state_dict(models)
+    # bf16 parameters: the checkpoint holds the fp32 master weights (exact resume; same format as fp32 runs)
+    masters = optimizer.full_masters() if optimizer is not None and optimizer.has_masters else None
+    state = model_sharded_state_dict(models, masters)
     if optimizer is not None:
         state.update(optimizer_sharded_state_dict(models, optimizer.full_moments()))
         state["optimizer_step"] = optimizer.step_count()
@@ -136,27 +156,35 @@ def find_checkpoint(path: str | Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[BucketAdamW]
-                    ) -> dict:
-    """Load weights (and, given an optimizer, its moments) into this rank's shards; return train_state."""
+def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[BucketAdamW],
+                    load_moments: bool = True) -> dict:
+    """Load weights into this rank's shards (and, given an optimizer, its fp32 master weights and — unless
+    ``load_moments`` is False, a fresh optimizer for a new stage — its moments); return train_state."""
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
     if not (ckpt / "train_state.json").is_file():
         raise FileNotFoundError(f"{ckpt}: not a complete engmoe checkpoint (train_state.json missing)")
-    request = model_sharded_state_dict(models)
-    if optimizer is not None:
+    # weights are stored in fp32: read them into fp32 buffers where the parameters are not fp32
+    buffers = {p: p.data if p.dtype == torch.float32 else torch.empty(p.shape, dtype=torch.float32, device=p.device)
+               for m in models for p in m.parameters()}
+    request = model_sharded_state_dict(models, buffers)
+    if optimizer is not None and load_moments:
         placeholders = {p: {moment: torch.empty(p.shape, dtype=torch.float32) for moment in MOMENTS}
                         for m in models for p in m.parameters()}
         request.update(optimizer_sharded_state_dict(models, placeholders))
         request["optimizer_step"] = 0.0
     loaded = dist_checkpointing.load(request, str(ckpt))
+    weights = {p: _local_tensor(loaded, f"model.{canonical_name(m, name)}", p)
+               for m in models for name, p in m.named_parameters()}
     with torch.no_grad():
-        for m in models:
-            for name, p in m.named_parameters():
-                p.copy_(loaded[f"model.{canonical_name(m, name)}"])
-    if optimizer is not None:
-        moments = {p: {moment: loaded[f"optimizer.{moment}.{canonical_name(m, name)}"] for moment in MOMENTS}
+        for p, w in weights.items():
+            p.copy_(w)
+    if optimizer is not None and optimizer.has_masters:
+        optimizer.load_full_masters(weights)
+    if optimizer is not None and load_moments:
+        moments = {p: {moment: _local_tensor(loaded, f"optimizer.{moment}.{canonical_name(m, name)}", p)
+                       for moment in MOMENTS}
                    for m in models for name, p in m.named_parameters()}
         optimizer.load_full_moments(moments, float(loaded.get("optimizer_step", 0.0)))
     return json.loads((ckpt / "train_state.json").read_text())

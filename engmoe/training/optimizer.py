@@ -14,11 +14,21 @@ sharding each rank updates whole buckets (after DDP's all-reduce).
 The grad norm counts every element once: a sharded element on its owner only; a parameter that tensor
 parallelism replicates (norms, router) on tensor rank 0 only; then a sum over every rank that holds
 distinct elements (the whole world when sharded; the model-parallel groups otherwise).
+
+Mixed precision (megatron's ``--bf16`` layout): when the model's parameters are bf16, this optimizer keeps
+an fp32 *master* copy of the elements it updates (its shard only, under ZeRO-1), steps the masters with the
+fp32 gradients DDP accumulated, and writes them back rounded to bf16. The forward then needs no per-micro-batch
+weight casts. Checkpoints store the fp32 masters as the weights (``full_masters``), so a run resumes exactly
+and checkpoints look the same whatever the parameter dtype.
+
+Speed: the update is ``torch.optim.AdamW(fused=True)`` (one multi-tensor kernel on GPU, a vectorised loop on
+CPU, so CI runs the same code); gradient clipping is folded into that kernel as its ``grad_scale`` instead of
+a separate pass over every gradient, and the grad norm is one multi-tensor reduction accumulating in fp64.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -38,11 +48,13 @@ class _Segment:
     param: nn.Parameter
     start: int
     end: int
-    values: torch.Tensor  # 1-D view of the parameter's elements
+    values: torch.Tensor  # 1-D view of the parameter's elements (the model's dtype)
+    master: torch.Tensor  # what the optimizer updates: ``values`` itself when fp32, else an fp32 copy
     grad: torch.Tensor  # 1-D view of the same elements in DDP's main_grad buffer
     exp_avg: torch.Tensor  # views into this bucket shard's moment buffers
     exp_avg_sq: torch.Tensor
     counted: bool  # contributes to the grad norm on this rank
+    shard_offset: int  # where these elements start in their bucket shard
 
 
 @dataclass
@@ -55,6 +67,7 @@ class _BucketShard:
     exp_avg_sq: torch.Tensor
     lo: int
     hi: int
+    segments: list = field(default_factory=list)  # the _Segments of this shard
 
 
 class BucketAdamW:
@@ -77,16 +90,22 @@ class BucketAdamW:
                     group, size, rank = None, 1, 0
                 for bucket in bucket_group.buckets:
                     self._add_bucket(bucket, group, size, rank, tp_rank)
-        decay = [s.values for s in self.segments if s.param.ndim >= 2]
-        no_decay = [s.values for s in self.segments if s.param.ndim < 2]
+        decay = [s.master for s in self.segments if s.param.ndim >= 2]
+        no_decay = [s.master for s in self.segments if s.param.ndim < 2]
         groups = [g for g in ({"params": decay, "weight_decay": opt.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if not groups:  # a rank may own no shard at all in a tiny model
             groups = [{"params": [torch.zeros(0)], "weight_decay": 0.0}]
-        self.inner = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, foreach=True)
+        self.inner = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, fused=True)
         for s in self.segments:
-            s.values.grad = s.grad  # persistent: DDP zeroes and refills the same buffer every step
-            self.inner.state[s.values] = {"step": torch.tensor(0.0), "exp_avg": s.exp_avg, "exp_avg_sq": s.exp_avg_sq}
+            if s.grad.dtype != s.master.dtype:
+                raise RuntimeError(f"BucketAdamW: gradient buffer dtype {s.grad.dtype} differs from the fp32 master "
+                                   "weights: wrap the model with megatron DDP's grad_reduce_in_fp32=True")
+            s.master.grad = s.grad  # persistent: DDP zeroes and refills the same buffer every step
+            self.inner.state[s.master] = {"step": torch.tensor(0.0, device=s.master.device),
+                                          "exp_avg": s.exp_avg, "exp_avg_sq": s.exp_avg_sq}
+        self._has_masters = any(s.master is not s.values for s in self.segments)
+        self._grad_divisor: float | None = None
 
     def _add_bucket(self, bucket, group, size: int, rank: int, tp_rank: int) -> None:
         n = bucket.grad_data.numel()
@@ -102,9 +121,12 @@ class BucketAdamW:
             if a >= b:
                 continue
             counted = is_expert(p) or getattr(p, "tensor_model_parallel", False) or tp_rank == 0
-            self.segments.append(_Segment(
-                p, a - p_lo, b - p_lo, p.detach().view(-1)[a - p_lo:b - p_lo], bucket.grad_data[a:b],
-                shard.exp_avg[a - lo:b - lo], shard.exp_avg_sq[a - lo:b - lo], counted))
+            values = p.detach().view(-1)[a - p_lo:b - p_lo]
+            master = values if values.dtype == torch.float32 else values.float()  # float() copies: the master
+            seg = _Segment(p, a - p_lo, b - p_lo, values, master, bucket.grad_data[a:b],
+                           shard.exp_avg[a - lo:b - lo], shard.exp_avg_sq[a - lo:b - lo], counted, a - lo)
+            self.segments.append(seg)
+            shard.segments.append(seg)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -117,9 +139,10 @@ class BucketAdamW:
 
         device = self.shards[0].exp_avg.device if self.shards else torch.device("cpu")
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # [dense, expert]
-        for s in self.segments:
-            if s.counted:
-                sums[1 if is_expert(s.param) else 0] += s.grad.double().pow(2).sum()
+        for which in (0, 1):
+            grads = [s.grad for s in self.segments if s.counted and is_expert(s.param) == bool(which)]
+            if grads:  # one multi-tensor reduction, fp64 accumulation, no fp64 copy of the gradients
+                sums[which] = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
         if self.distributed:
             dist.all_reduce(sums)  # shards are disjoint across data-parallel ranks: sum over everyone
         else:
@@ -131,16 +154,25 @@ class BucketAdamW:
         return math.sqrt(sums.sum().item())
 
     def clip(self, max_norm: float, norm: float) -> None:
+        """Scale the gradients by ``max_norm / norm`` when the norm is above ``max_norm``: not a pass over the
+        gradients, but the fused AdamW kernel's ``grad_scale`` (it divides every gradient it reads by it)
+        for the next ``step``."""
+        self._grad_divisor = None
         if max_norm <= 0 or not math.isfinite(norm) or norm <= max_norm:
             return
-        scale = max_norm / (norm + 1e-6)
-        grads = [s.grad for s in self.segments]
-        if grads:
-            torch._foreach_mul_(grads, scale)
+        self._grad_divisor = (norm + 1e-6) / max_norm
 
     def step(self) -> None:
-        """Update this rank's elements; with sharding, all-gather the parameters from their owners."""
+        """Update this rank's elements (fp32 masters, rounded back into bf16 parameters); with sharding,
+        all-gather the parameters from their owners."""
+        divisor = self._grad_divisor
+        device = self.segments[0].master.device if self.segments else torch.device("cpu")
+        self.inner.grad_scale = None if divisor is None else torch.tensor(divisor, dtype=torch.float32, device=device)
         self.inner.step()
+        self.inner.grad_scale, self._grad_divisor = None, None
+        if self._has_masters:
+            pairs = [(s.values, s.master) for s in self.segments if s.master is not s.values]
+            torch._foreach_copy_([v for v, _ in pairs], [m for _, m in pairs])
         if self.distributed:
             for ddp in self.ddp_models:
                 ddp.start_param_sync(force_sync=True)
@@ -178,7 +210,40 @@ class BucketAdamW:
                 s.exp_avg.copy_(full["exp_avg"].reshape(-1)[s.start:s.end])
                 s.exp_avg_sq.copy_(full["exp_avg_sq"].reshape(-1)[s.start:s.end])
         for state in self.inner.state.values():
-            state["step"] = torch.tensor(float(step))
+            state["step"] = torch.tensor(float(step), device=state["exp_avg"].device)
+
+    # -- fp32 master weights (bf16 parameters) -----------------------------------------------------------
+    @property
+    def has_masters(self) -> bool:
+        """True when the parameters are not fp32 and this optimizer holds their fp32 master copies."""
+        return self._has_masters
+
+    def full_masters(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Every parameter's fp32 master weights at full (this rank's model-parallel) shape: this rank's
+        segments, all-gathered over the data-parallel shards bucket by bucket (the checkpointed weights)."""
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for shard in self.shards:
+            bucket = shard.bucket
+            local = torch.zeros(shard.hi - shard.lo, dtype=torch.float32, device=shard.exp_avg.device)
+            for seg in shard.segments:
+                local[seg.shard_offset:seg.shard_offset + seg.master.numel()] = seg.master
+            if shard.group is None:
+                full = local
+            else:
+                full = torch.empty(bucket.grad_data.numel(), dtype=torch.float32, device=local.device)
+                dist.all_gather_into_tensor(full, local, group=shard.group)
+            for p in bucket.params_list:
+                a, b = bucket.param_to_index[p]
+                out[p] = full[a:b].view(p.shape).clone()
+        return out
+
+    def load_full_masters(self, weights: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Set this rank's master elements (and the bf16 parameters) from full-shape fp32 weights."""
+        with torch.no_grad():
+            for s in self.segments:
+                s.master.copy_(weights[s.param].reshape(-1)[s.start:s.end])
+                if s.master is not s.values:
+                    s.values.copy_(s.master)
 
 
 def build_optimizer(ddp_models: list[nn.Module], opt: OptimizerConfig, distributed: bool) -> BucketAdamW:

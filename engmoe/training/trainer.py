@@ -6,8 +6,9 @@ chunks wrapped in megatron-core's DDP, which reduces the gradients bucket by buc
 and finalises them after it (``engmoe.parallel.data_parallel``). Then the global grad norm is computed,
 non-finite steps skipped (or the run stopped), gradients clipped, and AdamW (ZeRO-1 sharded with
 ``parallel.distributed_optimizer``) applied with the scheduled LR. Under context parallelism each rank
-runs its load-balanced share of every sequence (``engmoe.parallel.context``). Mixed precision on GPU: fp32
-parameters and optimizer state (the master weights) with bf16 autocast for the matmuls.
+runs its load-balanced share of every sequence (``engmoe.parallel.context``). Mixed precision on GPU
+(``stage.param_dtype``): bf16 parameters, fp32 gradients (DDP's buffers) and fp32 master weights and moments
+in the optimizer, as megatron's --bf16; or fp32 parameters with bf16 autocast.
 """
 from __future__ import annotations
 
@@ -66,6 +67,15 @@ def _loss_func(loss_mask: torch.Tensor, cp_group, per_token: torch.Tensor):
     return local / count, {"lm loss": totals[0] / count}
 
 
+def resolve_param_dtype(stage, device: torch.device) -> torch.dtype:
+    """``stage.param_dtype`` resolved: ``auto`` is bf16 (fp32 masters in the optimizer) for bf16 training on
+    a GPU, fp32 elsewhere."""
+    if stage.param_dtype == "bf16" or (stage.param_dtype == "auto" and stage.precision == "bf16"
+                                       and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, exit_after: Optional[int] = None,
                  log=print, data: Optional[TrainData] = None):
@@ -79,10 +89,13 @@ class Trainer:
         self.ps = ps
         torch.manual_seed(cfg.stage.seed)
         self.device = self.env.device
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and cfg.stage.precision == "bf16" else contextlib.nullcontext())
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if cfg.stage.precision == "bf16" and (self.device.type == "cuda" or cfg.stage.param_dtype == "bf16")
+                         else contextlib.nullcontext())
         # model chunks of this pipeline rank (one without interleaving), then megatron DDP around each
-        self.models = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=self.device)
+        self.params_dtype = resolve_param_dtype(cfg.stage, self.device)
+        self.models = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=self.device,
+                                         params_dtype=self.params_dtype)
         self.ddp_models = wrap_data_parallel(self.models, cfg.parallel)
         install_schedule_hooks(self.ddp_models)
         self.is_last_stage = self.models[-1].post_process
@@ -123,7 +136,7 @@ class Trainer:
             if source is None:
                 raise FileNotFoundError(f"stage.init_from={stage.init_from}: no complete checkpoint there")
             keep_optimizer = not self.cfg.optimizer.reset_on_stage_start
-            saved = ckpt.load_checkpoint(source, self.models, self.optimizer if keep_optimizer else None)
+            saved = ckpt.load_checkpoint(source, self.models, self.optimizer, load_moments=keep_optimizer)
             prev = saved["trainer"]
             self.state.total_flops, self.state.device_hours = prev["total_flops"], prev["device_hours"]
             self.log(f"stage {stage.name} starts from {source} (stage {prev['stage']}, step {prev['step']}); "

@@ -101,6 +101,73 @@ def test_backend_choice_on_cpu():
         ab.resolve_backend("flex", cpu, torch.float32, False)
 
 
+def test_backend_choice_on_cuda_without_flash_attn(monkeypatch):
+    """``auto`` on a CUDA device (decided from the device type only, so this runs on CPU): without flash-attn,
+    FlexAttention wherever SDPA would fall to its O(S²) math kernel — document masks, fewer queries than
+    keys (context parallelism), fp32 — and SDPA's flash kernel for plain causal bf16/fp16."""
+    real_have = ab._have
+    monkeypatch.setattr(ab, "_have", lambda m: False if m == "flash_attn" else real_have(m))
+    gpu = torch.device("cuda", 0)
+    assert ab.resolve_backend("auto", gpu, torch.bfloat16, False, False) == "sdpa"
+    assert ab.resolve_backend("auto", gpu, torch.bfloat16, False, True) == "flex"  # CP, no documents
+    assert ab.resolve_backend("auto", gpu, torch.bfloat16, True, False) == "flex"
+    assert ab.resolve_backend("auto", gpu, torch.bfloat16, True, True) == "flex"
+    assert ab.resolve_backend("auto", gpu, torch.float32, False, False) == "flex"
+    monkeypatch.setattr(ab, "_have", lambda m: True)  # flash-attn installed
+    assert ab.resolve_backend("auto", gpu, torch.bfloat16, False, True) == "flash"
+    assert ab.resolve_backend("auto", gpu, torch.bfloat16, True, False) == "flash"
+    assert ab.resolve_backend("auto", gpu, torch.bfloat16, True, True) == "flex"
+    assert ab.resolve_backend("auto", gpu, torch.float32, False, False) == "flex"
+    for suffix in (False, True):  # the CPU choice is unchanged
+        assert ab.resolve_backend("auto", torch.device("cpu"), torch.float32, True, suffix) == "sdpa"
+
+
+def test_flex_lengths_bound_the_compiled_shapes():
+    sizes = {ab.flex_length(n) for n in range(1, 65537)}
+    assert len(sizes) <= 4 * 10  # at most four per power of two
+    for n in (1, 100, 128, 129, 1000, 4096, 4097, 8192, 24576, 32767, 65516, 65536):
+        m = ab.flex_length(n)
+        assert m % 128 == 0 and n <= m <= max(n + 127, 1.25 * n)
+    assert [ab.flex_length(n) for n in (4096, 8192, 16384, 24576, 32768, 65536)] == [4096, 8192, 16384, 24576,
+                                                                                      32768, 65536]
+
+
+def _masked_attention(q, k, v, mask):
+    """float64 softmax attention with an explicit boolean mask ``[B, Sq, Sk]``."""
+    rep = q.shape[2] // k.shape[2]
+    kh, vh = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kh) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vh)
+
+
+@pytest.mark.parametrize("S,Sk,with_docs", [(10, 10, False), (10, 10, True), (100, 300, False), (100, 300, True),
+                                            (256, 1024, True), (129, 129, True)])
+def test_flex_padding_and_mask_mod_keep_the_real_rows(S, Sk, with_docs):
+    """What FlexAttention is given — inputs padded to flex_length, the mask_mod over the padded grid — run
+    densely in float64 here: the real rows equal the unpadded attention, and no padded row is fully masked
+    (no NaN). The flex kernel itself is CUDA-only (tests/model/test_packed_isolation_gpu.py)."""
+    g = torch.Generator().manual_seed(S + Sk)
+    q = torch.randn(2, S, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, Sk, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    docs = kv_docs = None
+    if with_docs:  # documents of awkward lengths (1-token ones included), different per row
+        lengths = [[1, 3, 1, Sk], [Sk // 3, 1, 2, Sk]]
+        kv_docs = torch.stack([torch.repeat_interleave(torch.arange(4), torch.tensor(r))[:Sk] for r in
+                               [[min(x, Sk) for x in row] for row in lengths]])
+        docs = kv_docs[:, Sk - S:]
+    qp, kp, vp, (offset, pdocs, pkv_docs) = ab.flex_padded_inputs(q, k, v, docs, kv_docs)
+    assert qp.shape[1] == ab.flex_length(S) and kp.shape[1] == ab.flex_length(Sk) and offset == Sk - S
+    mask_mod = ab.flex_mask_mod(offset, pdocs, pkv_docs)
+    b = torch.arange(2)[:, None, None]
+    qi, ki = torch.arange(qp.shape[1])[None, :, None], torch.arange(kp.shape[1])[None, None, :]
+    mask = mask_mod(b, 0, qi, ki).expand(2, qp.shape[1], kp.shape[1])
+    assert mask.any(-1).all(), "a padded query row sees no key"
+    out = _masked_attention(qp, kp, vp, mask)[:, :S]
+    torch.testing.assert_close(out, ab.naive_attention(q, k, v, doc_ids=docs, kv_doc_ids=kv_docs),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_flash_path_wiring_with_a_fake_flash_attn(monkeypatch):
     """The varlen call gets one segment per document (never crossing batch rows)."""
     calls = {}

@@ -19,6 +19,11 @@ WORLD4 = [
     # expert-data-parallel size 2: expert gradients reduced over their own group; small buckets
     {"name": "dp4_ep2", "parallel": {"expert": 2, "ddp_bucket_size": 30000}},
     {"name": "tp2_pp2v2", "parallel": {"tensor": 2, **SP, "pipeline": 2, "virtual_pipeline": 2}},
+    # expert tensor parallelism with expert parallelism: each expert's FFN split over 2 ranks, experts over 2
+    # (all-to-all over ep, then all-gather / reduce-scatter over etp); saved for resharding to etp1
+    {"name": "ep2_etp2_dp4", "parallel": {"expert": 2, "expert_tensor": 2}, "save": "ep2_etp2"},
+    # expert-TP next to dense TP (sequence parallel), expert-data-parallel size 2 (ZeRO over it)
+    {"name": "tp2_etp2_dp2", "parallel": {"tensor": 2, **SP, "expert_tensor": 2}},
     # the pp2·ep2 checkpoint (weights + ZeRO-sharded Adam moments) loaded under other layouts
     {"name": "load_pp2_ep2_as_tp2_dp2", "parallel": {"tensor": 2, **SP}, "load": "pp2_ep2"},
     {"name": "load_pp2_ep2_as_ep4_dp4", "parallel": {"expert": 4}, "load": "pp2_ep2"},
@@ -35,6 +40,12 @@ WORLD2 = [
     {"name": "dp2_plain", "parallel": {"distributed_optimizer": False, "overlap_grad_reduce": False}},
     {"name": "tp2_ep2", "parallel": {"tensor": 2, **SP, "expert": 2}},
     {"name": "load_pp2_ep2_as_dp2_plain", "parallel": {"distributed_optimizer": False}, "load": "pp2_ep2"},
+    # expert tensor parallelism alone: every expert split over both ranks (rows all-gathered, outputs
+    # reduce-scattered, variable sizes); unsharded optimizer: the grad norm's expert sum over the etp group
+    {"name": "etp2_plain", "parallel": {"expert_tensor": 2, "distributed_optimizer": False}},
+    # checkpoints across expert-TP sizes: etp2 → etp1 and etp1 → etp2 (gate/up fragments of w13)
+    {"name": "load_ep2_etp2_as_ep2_dp2", "parallel": {"expert": 2}, "load": "ep2_etp2"},
+    {"name": "load_pp2_ep2_as_etp2", "parallel": {"expert_tensor": 2}, "load": "pp2_ep2"},
 ]
 
-SAVED_BY = {"pp2_ep2": "pp2_ep2_dp2"}
+SAVED_BY = {"pp2_ep2": "pp2_ep2_dp2", "ep2_etp2": "ep2_etp2_dp4"}

@@ -31,9 +31,10 @@ def test_bucket_adamw_matches_torch_adamw(single_rank):
         theirs.zero_grad()
         plain(x, labels=x).loss.mean().backward()
         norm = ours.grad_norm()
-        # float64 reference (torch's clip_grad_norm_ sums in fp32: ~3e-5 relative off at this size)
+        # float64 reference (torch's clip_grad_norm_ sums in fp32: ~3e-5 relative off at this size). After the
+        # first update the two models differ by fused-vs-reference AdamW rounding (~1e-8 relative), hence 1e-7
         ref_norm = sum(p.grad.double().pow(2).sum() for p in plain.parameters()).sqrt().item()
-        assert abs(norm - ref_norm) <= 1e-9 * ref_norm and norm > opt_cfg.clip_grad  # clipping is active
+        assert abs(norm - ref_norm) <= 1e-7 * ref_norm and norm > opt_cfg.clip_grad  # clipping is active
         for p in plain.parameters():
             p.grad.mul_(opt_cfg.clip_grad / (ref_norm + 1e-6))
         ours.clip(opt_cfg.clip_grad, norm)

@@ -82,3 +82,19 @@ def test_checkpoint_loads_under_another_layout(results, job):
         assert (result["params1"][name] == t).all(), f"{name} changed through save/load"
     problems, _ = compare(result, load(results / "single.pt"), LR)
     assert not problems, f"{result['layout']}:\n" + "\n".join(problems[:20])
+
+
+def test_expert_tensor_parallel_checkpoint_reads_at_full_shape(results):
+    """The export reader (one process, no model) assembles the ep2·etp2 checkpoint's experts — w13 from
+    its gate and up fragments — into exactly the canonical tensors the saving run held."""
+    import torch
+
+    from engmoe.export.checkpoint_io import CheckpointReader
+
+    saver = load(results / f"{SAVED_BY['ep2_etp2']}.pt")
+    reader = CheckpointReader(results / "ckpt_ep2_etp2")
+    experts = [n for n in reader.names if ".experts." in n]
+    assert experts
+    loaded = reader.load(experts)
+    for name in experts:
+        assert torch.equal(loaded[name], saver["params1"][name]), name

@@ -1,6 +1,6 @@
 """The pieces of the parallel layer that can be checked in one process: sequence sharding for context
-parallelism, suffix-query attention, the expert regrouping permutation, additive aux-loss shares, and
-layout validation with errors that name the field."""
+parallelism, suffix-query attention, the expert regrouping permutation, additive aux-loss shares, expert
+tensor-parallel slicing, and layout validation with errors that name the field."""
 import pytest
 import torch
 
@@ -83,7 +83,7 @@ def test_aux_loss_shares_sum_to_the_whole_micro_batch_loss():
 @pytest.mark.parametrize("overrides, field", [
     (["parallel.tensor=2"], "parallel.sequence_parallel"),                       # MoE + TP needs SP
     (["parallel.tensor=4", "parallel.sequence_parallel=true"], "parallel.tensor"),  # > tiny's 2 KV heads
-    (["parallel.expert_tensor=2"], "parallel.expert_tensor"),
+    (["parallel.expert_tensor=3"], "parallel.expert_tensor"),                    # 128 = tiny's expert FFN width
     (["parallel.virtual_pipeline=2"], "parallel.virtual_pipeline"),             # needs pipeline > 1
     (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_layers=[2,2]"],
      "parallel.pipeline_layers"),                                               # one entry per virtual stage
@@ -108,6 +108,43 @@ def test_world_size_checks_name_the_field():
     with pytest.raises(ConfigError, match="parallel.expert"):
         ParallelConfig(pipeline=2, expert=4).check_world(4)  # a stage has 2 ranks, ep 4 cannot fold onto them
     assert ParallelConfig(pipeline=2, expert=4, context=2).check_world(16) == 4  # ep over cp·dp = 8 ranks
+    # expert tensor parallelism folds with ep onto a stage's ranks: ep·etp = 4 over 2 ranks does not fit
+    with pytest.raises(ConfigError, match="parallel.expert_tensor"):
+        ParallelConfig(pipeline=2, expert=2, expert_tensor=2).check_world(4)
+    assert ParallelConfig(tensor=2, sequence_parallel=True, expert=2, expert_tensor=4).check_world(8) == 4
+
+
+@pytest.mark.parametrize("glu", [True, False])
+@pytest.mark.parametrize("etp", [1, 2, 4])
+def test_expert_tensor_slices_reassemble_and_keep_gate_up_pairs(glu, etp):
+    """Each rank's slice of a stacked expert weight holds matching gate and up columns (w13) or rows (w2);
+    the slices reassemble to the full tensor, and the checkpoint pieces sit at their global offsets."""
+    from engmoe.parallel.expert_tensor import ExpertTensorShard
+
+    E, H, F = 3, 5, 8
+    full = torch.randn(E, H, 2 * F) if glu else torch.randn(E, F, H)
+    shards = [ExpertTensorShard(r, etp, glu) for r in range(etp)]
+    parts = [s.local(full) for s in shards]
+    assert all(list(p.shape) == ([E, H, 2 * F // etp] if glu else [E, F // etp, H]) for p in parts)
+    assert torch.equal(shards[0].full(parts), full)
+    assert shards[0].full_shape(parts[0].shape) == list(full.shape)
+    if glu:  # local SwiGLU: column j of the local gate half pairs with column j of the local up half
+        w = F // etp
+        for r, p in enumerate(parts):
+            assert torch.equal(p[..., :w], full[..., r * w:(r + 1) * w])
+            assert torch.equal(p[..., w:], full[..., F + r * w:F + (r + 1) * w])
+    rebuilt = torch.zeros_like(full)
+    for s, p in zip(shards, parts):
+        pieces = s.pieces(p)
+        assert torch.equal(s.join([data for _, data, _ in pieces]), p)
+        for _, data, frag in pieces:
+            if frag is None:
+                rebuilt.copy_(data)
+                continue
+            axis, index, fragments = frag
+            n = full.shape[axis] // fragments
+            rebuilt.narrow(axis, index * n, n).copy_(data)
+    assert torch.equal(rebuilt, full)
 
 
 def test_report_layouts_validate():

@@ -11,6 +11,15 @@ Two dispatchers with the same two calls, so the MoE layer does not change with t
   (source rank, local expert) and are regrouped by (local expert, source rank) so the grouped GEMM sees
   one contiguous block per expert. ``combine`` runs the same steps backwards. The communication is
   megatron-core's autograd-aware ``all_to_all``; its backward is the reverse all-to-all.
+
+  With expert tensor parallelism (``etp_group``: every rank of it holds an F-slice of the same experts,
+  ``engmoe.parallel.expert_tensor``) the rows each rank received are then all-gathered over the ETP group
+  (megatron's ``gather_from_sequence_parallel_region`` with variable split sizes; its backward reduce-scatters,
+  summing the F-slices' input gradients), so every ETP rank runs its slice on the group's rows; ``combine``
+  reduce-scatters the partial outputs back (``reduce_scatter_to_sequence_parallel_region``, summed in fp32 as
+  megatron does; backward: all-gather) before the reverse all-to-all. The expert-parallel group may have one
+  rank then (no all-to-all). This is megatron-core's ``MoEAlltoAllTokenDispatcher`` order: all-to-all over
+  EP, all-gather over ETP.
 """
 from __future__ import annotations
 
@@ -37,6 +46,8 @@ class DispatchContext:
     output_splits: Optional[list[int]] = None
     order: Optional[torch.Tensor] = None
     inverse: Optional[torch.Tensor] = None
+    # expert tensor parallelism: rows each rank of the ETP group contributed to the all-gather
+    etp_splits: Optional[list[int]] = None
 
 
 class LocalDispatcher:
@@ -89,13 +100,17 @@ def regroup_order(counts: torch.Tensor, total: Optional[int] = None) -> torch.Te
 
 
 class AllToAllDispatcher:
-    """Expert-parallel dispatch over ``group`` (the expert-model-parallel group), dropless."""
+    """Expert-parallel dispatch over ``group`` (the expert-model-parallel group), dropless; with ``etp_group``
+    (expert tensor parallelism) the received rows are also all-gathered over it. Either group may be None
+    or have one rank (not both)."""
 
-    def __init__(self, num_experts: int, top_k: int, group):
+    def __init__(self, num_experts: int, top_k: int, group, etp_group=None):
         self.num_experts = num_experts
         self.top_k = top_k
-        self.group = group
-        self.ep = dist.get_world_size(group)
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self.etp_group = etp_group if etp_group is not None and dist.get_world_size(etp_group) > 1 else None
+        self.ep = dist.get_world_size(self.group) if self.group is not None else 1
+        self.etp = dist.get_world_size(self.etp_group) if self.etp_group is not None else 1
         if num_experts % self.ep != 0:
             raise ValueError(f"{num_experts} experts do not split over an expert-parallel group of {self.ep}")
         self.local = num_experts // self.ep
@@ -103,38 +118,64 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, routing: RoutingResult, kernels: MoEKernels):
         """x ``[T, H]`` → (rows for this rank's experts, grouped by local expert; rows per local expert;
         context for combine)."""
-        from megatron.core.tensor_parallel import all_to_all
+        from megatron.core.tensor_parallel import all_to_all, gather_from_sequence_parallel_region
 
         sorted_slots, slot_to_row, counts = kernels.routing_maps(routing.topk_idx, self.num_experts)
         permuted = kernels.permute(x, sorted_slots, slot_to_row, self.top_k)  # [T·k, H] by global expert
         scale = routing.topk_probs.reshape(-1).index_select(0, sorted_slots).unsqueeze(1)  # travels with its row
-        received_counts = torch.empty_like(counts)
-        dist.all_to_all_single(received_counts, counts, group=self.group)  # [ranks·local]: from each rank
+        if self.group is not None:
+            received_counts = torch.empty_like(counts)
+            dist.all_to_all_single(received_counts, counts, group=self.group)  # [ranks·local]: from each rank
+        else:
+            received_counts = counts
         received_counts = received_counts.view(self.ep, self.local)
+        if self.etp_group is not None:  # what every rank of the ETP group received: [etp, ep, local]
+            group_counts = torch.empty((self.etp * self.ep, self.local), dtype=counts.dtype, device=counts.device)
+            dist.all_gather_into_tensor(group_counts, received_counts.contiguous(), group=self.etp_group)
+            group_counts = group_counts.view(self.etp, self.ep, self.local)
+        else:
+            group_counts = received_counts.unsqueeze(0)
         # the split sizes are needed on the host (one sync per layer, as in any dropless all-to-all)
-        both = torch.stack([counts.view(self.ep, self.local).sum(1), received_counts.sum(1)]).tolist()
-        input_splits, output_splits = both[0], both[1]
-        received = all_to_all(self.group, permuted, output_splits, input_splits)
-        received_scale = all_to_all(self.group, scale, output_splits, input_splits)
-        order = regroup_order(received_counts, sum(output_splits))
+        host = torch.cat([counts.view(self.ep, self.local).sum(1), received_counts.sum(1),
+                          group_counts.sum((1, 2))]).tolist()
+        input_splits, output_splits, etp_splits = host[:self.ep], host[self.ep:2 * self.ep], host[2 * self.ep:]
+        rows, row_scale = permuted, scale
+        if self.group is not None:
+            rows = all_to_all(self.group, rows, output_splits, input_splits)
+            row_scale = all_to_all(self.group, row_scale, output_splits, input_splits)
+        if self.etp_group is not None:
+            # every ETP rank computes its F-slice for all the group's rows; backward: reduce-scatter (sum)
+            rows = gather_from_sequence_parallel_region(rows, group=self.etp_group, output_split_sizes=etp_splits)
+            row_scale = gather_from_sequence_parallel_region(row_scale, group=self.etp_group,
+                                                             output_split_sizes=etp_splits)
+        block_counts = group_counts.view(self.etp * self.ep, self.local)  # [source (etp, ep), local expert]
+        order = regroup_order(block_counts, sum(etp_splits))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        rows = _PermuteRows.apply(received, order, inverse)
-        row_scale = _PermuteRows.apply(received_scale, order, inverse).squeeze(1)
-        ctx = DispatchContext(slot_to_row, routing.topk_probs, row_scale, input_splits, output_splits, order, inverse)
-        return rows, received_counts.sum(0), ctx
+        rows = _PermuteRows.apply(rows, order, inverse)
+        row_scale = _PermuteRows.apply(row_scale, order, inverse).squeeze(1)
+        ctx = DispatchContext(slot_to_row, routing.topk_probs, row_scale, input_splits, output_splits, order, inverse,
+                              etp_splits)
+        return rows, block_counts.sum(0), ctx
 
     def combine(self, y: torch.Tensor, ctx: DispatchContext, kernels: MoEKernels) -> torch.Tensor:
-        """Expert outputs (grouped by local expert, already scaled) → back to their ranks → ``[T, H]`` sum."""
-        from megatron.core.tensor_parallel import all_to_all
+        """Expert outputs (grouped by local expert, already scaled; partial sums over the F-slices under
+        expert tensor parallelism) → summed over the ETP group → back to their ranks → ``[T, H]`` sum."""
+        from megatron.core.tensor_parallel import all_to_all, reduce_scatter_to_sequence_parallel_region
 
         by_rank = _PermuteRows.apply(y, ctx.inverse, ctx.order)
-        returned = all_to_all(self.group, by_rank, ctx.input_splits, ctx.output_splits)
-        return kernels.unpermute(returned, ctx.slot_to_row, None, top_k=self.top_k)
+        if self.etp_group is not None:
+            acc = torch.promote_types(by_rank.dtype, torch.float32)  # sum the partial outputs in fp32
+            by_rank = reduce_scatter_to_sequence_parallel_region(
+                by_rank.to(acc), group=self.etp_group, input_split_sizes=ctx.etp_splits).to(y.dtype)
+        if self.group is not None:
+            by_rank = all_to_all(self.group, by_rank, ctx.input_splits, ctx.output_splits)
+        return kernels.unpermute(by_rank, ctx.slot_to_row, None, top_k=self.top_k)
 
 
-def make_dispatcher(num_experts: int, top_k: int, ep_group=None):
-    """The all-to-all dispatcher when ``ep_group`` has more than one rank, else the local one."""
-    if ep_group is not None and dist.get_world_size(ep_group) > 1:
-        return AllToAllDispatcher(num_experts, top_k, ep_group)
+def make_dispatcher(num_experts: int, top_k: int, ep_group=None, etp_group=None):
+    """The all-to-all dispatcher when the expert-parallel or the expert-tensor-parallel group has more than
+    one rank, else the local one."""
+    if any(g is not None and dist.get_world_size(g) > 1 for g in (ep_group, etp_group)):
+        return AllToAllDispatcher(num_experts, top_k, ep_group, etp_group)
     return LocalDispatcher(num_experts, top_k)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engmoe.config import MoEConfig
@@ -33,21 +34,34 @@ class AuxLossInjector(torch.autograd.Function):
 
 class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, moe: MoEConfig, ep_size: int = 1, ep_rank: int = 0,
-                 device=None, dtype=None, ep_group=None, token_group=None):
+                 device=None, dtype=None, ep_group=None, token_group=None, etp_group="auto"):
         """``ep_group``: the expert-parallel process group (its size must be ``ep_size``); ``token_group``:
-        the ranks that split each micro-batch's tokens (sequence × context parallel), for the aux loss."""
+        the ranks that split each micro-batch's tokens (sequence × context parallel), for the aux loss;
+        ``etp_group``: the expert-tensor-parallel group (each rank holds an F-slice of every local expert,
+        ``engmoe.parallel.expert_tensor``); by default megatron-core's, when it has more than one rank."""
         super().__init__()
+        from engmoe.config import ConfigError
+        from engmoe.parallel.expert_tensor import ExpertTensorShard, expert_tensor_group
+
         if moe.num_experts % ep_size != 0:
-            from engmoe.config import ConfigError
             raise ConfigError(f"parallel.expert={ep_size} must divide model.moe.num_experts={moe.num_experts}")
+        if isinstance(etp_group, str):
+            etp_group = expert_tensor_group()
+        etp = dist.get_world_size(etp_group) if etp_group is not None else 1
+        etp_rank = dist.get_rank(etp_group) if etp_group is not None else 0
+        if moe.expert_intermediate_size % etp != 0:
+            raise ConfigError(f"parallel.expert_tensor={etp} must divide model.moe.expert_intermediate_size="
+                              f"{moe.expert_intermediate_size}")
         self.moe = moe
         local = moe.num_experts // ep_size
         self.router = TopKRouter(hidden_size, moe, device=device, dtype=dtype, token_group=token_group)
         self.experts = GroupedExperts(local, ep_rank * local, moe.num_experts, hidden_size,
-                                      moe.expert_intermediate_size, device=device, dtype=dtype)
+                                      moe.expert_intermediate_size // etp, device=device, dtype=dtype)
+        for p, glu in ((self.experts.w13, True), (self.experts.w2, False)):
+            p.expert_tensor_shard = ExpertTensorShard(etp_rank, etp, glu)  # type: ignore[attr-defined]
         if ep_size > 1 and ep_group is None:
             raise ValueError("MoELayer: ep_size > 1 needs the expert-parallel process group")
-        self.dispatcher = make_dispatcher(moe.num_experts, moe.top_k, ep_group if ep_size > 1 else None)
+        self.dispatcher = make_dispatcher(moe.num_experts, moe.top_k, ep_group if ep_size > 1 else None, etp_group)
         self.kernels = get_moe_kernels(moe.kernel_backend)
         self.aux_loss_scale = 1.0
         self.last_stats: dict[str, torch.Tensor] = {}
