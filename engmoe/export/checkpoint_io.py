@@ -88,7 +88,8 @@ class CheckpointReader:
             full = torch.empty(m.global_shape, dtype=m.dtype)
             request[key] = ShardedTensor.from_rank_offsets(key, full, replica_id=0)
         loaded = dist_checkpointing.load(request, str(self.dir))
-        return {k[len("model."):]: v for k, v in loaded.items()}
+        # dist_checkpointing also returns the common (non-tensor) state, e.g. optimizer_step: only the tensors
+        return {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s tensors, named relative to ``layers.{i}.``."""
