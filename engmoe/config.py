@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from engmoe.io import read_document
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -455,12 +457,7 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    data = read_document(path, ConfigError, "config file not found")
     if data is None:
         return {}
     if not isinstance(data, dict):

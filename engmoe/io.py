@@ -1,4 +1,5 @@
-"""Small file helpers shared by the commands: atomic text writes and jsonl records with located errors.
+"""Small file helpers shared by the commands: atomic text writes, JSON/YAML documents and jsonl records
+with located errors.
 
 Every file a command publishes goes through ``write_text_atomic`` (written beside its final name, then
 renamed), so a crash never leaves a half-written config, blend, manifest, report or script under the name
@@ -40,3 +41,23 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+
+
+def read_document(path: str | Path, error: type[Exception], missing: str) -> Any:
+    """The parsed contents of a ``.json`` file (JSON) or any other file (YAML). A missing file raises
+    ``error('<path>: <missing>')``, bad syntax ``error('<path>: invalid JSON|YAML: ...')``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}: invalid JSON: {e}") from e
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise error(f"{path}: invalid YAML: {e}") from e

@@ -23,6 +23,8 @@ from typing import Optional
 
 import yaml
 
+from engmoe.io import read_document
+
 
 class BlendError(ValueError):
     """A blend file is malformed or names data that is not there; the message names the file and field."""
@@ -91,12 +93,7 @@ _ENTRY_FIELDS = {"weight", "manifest", "prefixes"}
 def load_blend(path: str | Path) -> Blend:
     """Parse and validate a blend YAML (structure only; paths are checked by ``resolve_blend``)."""
     path = Path(path)
-    if not path.is_file():
-        raise BlendError(f"{path}: blend file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BlendError(f"{path}: invalid YAML: {e}") from e
+    data = read_document(path, BlendError, "blend file not found")
     if not isinstance(data, dict):
         raise BlendError(f"{path}: expected a mapping with 'datasets', got {type(data).__name__}")
     unknown = set(data) - {"name", "split", "datasets", "description"}

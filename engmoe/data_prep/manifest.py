@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from engmoe.io import read_document
+
 MANIFEST_FORMAT = "engmoe-manifest/1"
 MANIFEST_NAME = "manifest.json"
 
@@ -62,12 +64,7 @@ def build_manifest(output_dir: str | Path, shard_name: str, tasks: int, *, name:
 def load_manifest(path: str | Path) -> dict:
     """Read and validate a manifest; errors name the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found (run `engmoe-data tokenize` to create it)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: invalid JSON: {e}") from e
+    data = read_document(path, ManifestError, "manifest not found (run `engmoe-data tokenize` to create it)")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"{path}: format: expected {MANIFEST_FORMAT!r}, got "
                             f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r}")

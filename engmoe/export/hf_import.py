@@ -8,7 +8,6 @@ in the checkpoint's config (``data.tokenizer``), so a later ``export-hf`` finds 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from engmoe.config import Config, ConfigError
 from engmoe.export.architectures import model_config_from_hf
 from engmoe.export.checkpoint_io import write_checkpoint
 from engmoe.export.convert import globals_from_hf, layer_from_hf
+from engmoe.io import read_document
 from engmoe.export.safetensors_io import SafetensorsReader
 
 
@@ -55,10 +55,7 @@ def import_hf(model_dir: str | Path, run_dir: str | Path, overwrite: bool = Fals
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: not found (expected a Hugging Face model directory)")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path}: invalid JSON: {e}") from None
+    hf = read_document(config_path, ConfigError, "not found")
     model_cfg, arch = model_config_from_hf(hf, str(config_path), name=f"hf:{model_dir.name}")
     if run_dir.exists() and any(run_dir.glob("iter_*")):
         if not overwrite:

@@ -165,8 +165,9 @@ def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Opti
     ckpt = Path(ckpt)
     if not (ckpt / "train_state.json").is_file():
         raise FileNotFoundError(f"{ckpt}: not a complete engmoe checkpoint (train_state.json missing)")
-    # weights are stored in fp32: read them into fp32 buffers where the parameters are not fp32
-    buffers = {p: p.data if p.dtype == torch.float32 else torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    # weights are stored in fp32: read them into fp32 host buffers where the parameters are not fp32 (no
+    # device-memory spike at resume: the buffers are only copied into the parameters and the masters)
+    buffers = {p: p.data if p.dtype == torch.float32 else torch.empty(p.shape, dtype=torch.float32)
                for m in models for p in m.parameters()}
     request = model_sharded_state_dict(models, buffers)
     if optimizer is not None and load_moments:

@@ -19,7 +19,8 @@ def _model(backend: str):
     return model, cfg.model.vocab_size
 
 
-def _pack(docs: list[torch.Tensor]):
+def pack_documents(docs: list[torch.Tensor]):
+    """(tokens, per-document positions, document ids), each ``[1, sum(len)]``: ``docs`` packed into one row."""
     tokens = torch.cat(docs)[None]
     positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
     doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
@@ -27,18 +28,18 @@ def _pack(docs: list[torch.Tensor]):
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])  # flex and flash are CUDA-only backends
-def test_document_logits_are_independent_of_the_pack(single_rank, backend):
+def test_document_logits_are_independent_of_thepack_documents(single_rank, backend):
     model, vocab = _model(backend)
     g = torch.Generator().manual_seed(0)
     a, b, c, a2, c2 = (torch.randint(0, vocab, (n,), generator=g) for n in (11, 9, 7, 5, 12))
     with torch.no_grad():
         alone = model(b[None], position_ids=torch.arange(len(b))[None]).logits[0]
-        tokens, positions, docs = _pack([a, b, c])
+        tokens, positions, docs = pack_documents([a, b, c])
         packed = model(tokens, position_ids=positions, doc_ids=docs).logits[0, len(a):len(a) + len(b)]
-        tokens, positions, docs = _pack([a2, b, c2])
+        tokens, positions, docs = pack_documents([a2, b, c2])
         other = model(tokens, position_ids=positions, doc_ids=docs).logits[0, len(a2):len(a2) + len(b)]
         # without the document mask the neighbours do leak in (the test would notice a dropped mask)
-        tokens, positions, _ = _pack([a, b, c])
+        tokens, positions, _ = pack_documents([a, b, c])
         leaky = model(tokens, position_ids=positions).logits[0, len(a):len(a) + len(b)]
     torch.testing.assert_close(packed, alone, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(other, alone, rtol=1e-9, atol=1e-9)

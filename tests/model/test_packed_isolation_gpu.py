@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from engmoe.model import attention_backends as ab
+from test_packed_isolation import pack_documents  # tests/model is on sys.path (pytest rootdir-less import)
 
 pytestmark = pytest.mark.gpu
 
@@ -205,10 +206,7 @@ def test_model_logits_of_a_document_do_not_depend_on_the_pack(single_rank):
     a, b, c, a2, c2 = (torch.randint(0, cfg.model.vocab_size, (n,), generator=g) for n in (11, 9, 1, 5, 140))
 
     def pack(docs):
-        tokens = torch.cat(docs)[None].cuda()
-        positions = torch.cat([torch.arange(len(d)) for d in docs])[None].cuda()
-        doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None].cuda()
-        return tokens, positions, doc_ids
+        return tuple(t.cuda() for t in pack_documents(docs))
 
     with torch.no_grad():
         alone = model(b[None].cuda(), position_ids=torch.arange(len(b))[None].cuda()).logits[0]
