@@ -115,6 +115,10 @@ class ModelConfig:
     cross_entropy: str = "fused"
     # Fuse the fp32 elementwise chains (RMSNorm, rotary) with torch.compile on GPU (engmoe.model.compiled).
     compile_elementwise: bool = True
+    # Weight-gradient GEMMs accumulate straight into DDP's fp32 main_grad (megatron's name; dense layers and
+    # experts, engmoe.parallel.grad_fusion). auto: on for bf16 parameters on CUDA where the fp32-output GEMM
+    # exists, off elsewhere; true also works on CPU (fp32 addmm into main_grad).
+    gradient_accumulation_fusion: bool | Literal["auto"] = "auto"
 
     def validate(self, where: str = "model") -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
@@ -132,6 +136,8 @@ class ModelConfig:
                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         _check(self.cross_entropy in ("fused", "megatron"), f"{where}.cross_entropy",
                f"must be fused or megatron, got {self.cross_entropy!r}")
+        _check(self.gradient_accumulation_fusion in (True, False, "auto"), f"{where}.gradient_accumulation_fusion",
+               f"must be true, false or auto, got {self.gradient_accumulation_fusion!r}")
         self.rope.validate(f"{where}.rope")
         self.moe.validate(f"{where}.moe")
 

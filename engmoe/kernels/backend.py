@@ -44,6 +44,11 @@ AUTO_ORDER = ("cuda", "torch", "grouped_gemm")
 # faster, and the whole layer 1.1 ms (3 %) faster than all-torch, in two runs.
 DEFAULT_GEMM_PLAN = "auto"
 GemmPlan = grouped.GemmPlan
+# With gradient-accumulation fusion (model.gradient_accumulation_fusion), how the ``cuda``/``grouped_gemm``
+# backends add the experts' weight gradients into fp32 main_grad; override with ENGMOE_EXPERT_WGRAD_ACCUM
+# ("loop": per-expert cuBLAS GEMMs with fp32 output and beta = 1, the add pass gone; "grouped": one
+# torch._grouped_mm with fp32 output plus an in-place add). See engmoe/kernels/grouped.py.
+DEFAULT_EXPERT_WGRAD_ACCUM = grouped.DEFAULT_EXPERT_WGRAD_ACCUM
 
 
 @dataclass(frozen=True)
@@ -80,19 +85,25 @@ def _torch_grouped_mm_usable() -> bool:  # kept for callers of the old name
 
 
 @functools.lru_cache(maxsize=None)
-def _grouped_gemm_kernels() -> MoEKernels:
+def _grouped_gemm_kernels(wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> MoEKernels:
     return MoEKernels("grouped_gemm", reference.routing_maps, reference.permute, reference.unpermute,
                       reference.swiglu, grouped.make_grouped_mlp(GemmPlan("grouped_gemm", "grouped_gemm",
-                                                                          "grouped_gemm"), reference.swiglu),
+                                                                          "grouped_gemm"), reference.swiglu,
+                                                                 wgrad_accum),
                       reference.router_topk)
 
 
 
+def _wgrad_accum() -> str:
+    return os.environ.get("ENGMOE_EXPERT_WGRAD_ACCUM", DEFAULT_EXPERT_WGRAD_ACCUM)
+
+
 @functools.lru_cache(maxsize=None)
-def _cuda_kernels(plan_spec: str) -> MoEKernels:
+def _cuda_kernels(plan_spec: str, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> MoEKernels:
     plan = GemmPlan.parse(plan_spec).resolved()
     return MoEKernels("cuda", cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
-                      grouped.make_grouped_mlp(plan, cuda_ops.swiglu), cuda_ops.router_topk, cuda_ops.router_logits)
+                      grouped.make_grouped_mlp(plan, cuda_ops.swiglu, wgrad_accum), cuda_ops.router_topk,
+                      cuda_ops.router_logits)
 
 
 def _usable(name: str) -> bool:
@@ -132,5 +143,5 @@ def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None) -> MoEKern
     if name == "torch":
         return TORCH
     if name == "grouped_gemm":
-        return _grouped_gemm_kernels()
-    return _cuda_kernels(gemm_plan or os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN))
+        return _grouped_gemm_kernels(_wgrad_accum())
+    return _cuda_kernels(gemm_plan or os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN), _wgrad_accum())

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from engmoe.kernels import reference
+from engmoe.kernels import reference, wgrad
 
 LIBS = ("torch", "grouped_gemm")
 
@@ -50,6 +50,17 @@ class _Meta:
         self.counts = tokens_per_expert
         self._offs = None
         self._cpu = None
+        self._ready = None  # event after an early device→host copy of the counts (prefetch_cpu)
+
+    def prefetch_cpu(self) -> None:
+        """Start copying the counts to pinned host memory now, without waiting: by the backward, which
+        reads them (``cpu``), the copy has long finished, so the read costs no stall of the host."""
+        if self._cpu is not None or self._ready is not None or not self.counts.is_cuda:
+            return
+        self._cpu = torch.empty(self.counts.shape, dtype=torch.int64, pin_memory=True)
+        self._cpu.copy_(self.counts, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
 
     @property
     def offs(self) -> torch.Tensor:  # torch._grouped_mm: int32 inclusive cumsum on the device
@@ -59,6 +70,9 @@ class _Meta:
 
     @property
     def cpu(self) -> torch.Tensor:  # grouped_gemm: int64 sizes on the host (one device sync)
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
         if self._cpu is None:
             self._cpu = self.counts.to("cpu", torch.int64)
         return self._cpu
@@ -164,6 +178,84 @@ class _GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None
 
 
+# -- gradient-accumulation fusion (engmoe.kernels.wgrad): weight gradients added into fp32 main_grad --------
+def _ref_fwd(x, w, m):
+    return reference.grouped_mm(x, w, m.cpu)
+
+
+def _ref_dgrad(dy, w, m):
+    return reference.grouped_mm(dy, w.transpose(-2, -1), m.cpu)
+
+
+def _accum_loop(main_grad, x, dy, m):
+    """Per expert ``main_grad[e] += x_eᵀ dy_e``: cuBLAS with fp32 output and beta = 1, so the bf16 gradient
+    and the separate add pass both disappear. Host row counts: prefetched in the forward (no stall)."""
+    wgrad.accumulate_tn(main_grad, x, dy, m.cpu.tolist())
+
+
+def _accum_grouped(main_grad, x, dy, m):
+    """One ``torch._grouped_mm`` with fp32 output, then one in-place add: a single launch and no host counts,
+    but the add pass stays (and reads fp32, not bf16): it saves only the bf16 rounding."""
+    main_grad.add_(torch._grouped_mm(x.t(), dy, offs=m.offs, out_dtype=torch.float32))
+
+
+# How the experts' weight gradient reaches main_grad on the fast (CUDA bf16) path; ENGMOE_EXPERT_WGRAD_ACCUM
+# picks one for the ``cuda``/``grouped_gemm`` backends (bench/wgrad_fusion.py measures them). The hook for a
+# grouped GEMM with an accumulating fp32 epilogue (one launch, no host counts, no extra pass): register it
+# here as ``EXPERT_WGRAD_ACCUM["<name>"] = fn(main_grad [E, K, N] fp32, x [T, K], dy [T, N], meta)``.
+EXPERT_WGRAD_ACCUM: dict[str, Callable] = {"loop": _accum_loop, "grouped": _accum_grouped}
+DEFAULT_EXPERT_WGRAD_ACCUM = "loop"
+# backends whose expert GEMMs can accumulate into main_grad ("torch" stays plain PyTorch autograd)
+ACCUMULATING_BACKENDS = ("reference", "cuda", "grouped_gemm")
+
+
+class _GroupedLinearAccum(torch.autograd.Function):
+    """``x @ w[e]`` per expert block whose weight gradient is added into ``w.main_grad`` (fp32) by
+    ``accum``; the returned weight gradient is a placeholder DDP's hook discards (megatron's contract)."""
+
+    @staticmethod
+    def forward(ctx, x, w, meta: _Meta, fwd: Callable, dgrad: Callable, accum: Callable):
+        ctx.save_for_backward(x)
+        ctx.param = w  # the Parameter itself: its main_grad and the flag DDP's hook reads
+        ctx.meta, ctx.dgrad, ctx.accum = meta, dgrad, accum
+        return fwd(x, w, meta)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        w = ctx.param
+        dy = dy.contiguous()
+        dx = ctx.dgrad(dy, w, ctx.meta) if ctx.needs_input_grad[0] else None
+        ctx.accum(w.main_grad, x, dy, ctx.meta)
+        wgrad.mark_accumulated(w)
+        return dx, wgrad.placeholder_grad(w), None, None, None, None
+
+
+def grouped_mlp_accumulating(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.nn.Parameter,
+                             w2: torch.nn.Parameter, row_scale: torch.Tensor | None, kernels) -> torch.Tensor:
+    """The experts' SwiGLU MLP of backend ``kernels`` (one of ``ACCUMULATING_BACKENDS``) with both weight
+    gradients accumulated into ``main_grad``: forward and data gradients by the backend's GEMM plan on CUDA
+    bf16 (the reference loop elsewhere), weight gradients by ``kernels.grouped_mlp.wgrad_accum``."""
+    meta = _Meta(tokens_per_expert)
+    plan = getattr(kernels.grouped_mlp, "plan", None)
+    fast = plan is not None and x.is_cuda and x.dtype == torch.bfloat16 and w13.dtype == torch.bfloat16
+    if fast:
+        plan = plan.for_rows(x.shape[0], w13.shape[0])
+        fast = plan.usable()
+    if fast:
+        fwd, dgrad = _IMPL[(plan.fwd, "fwd")], _IMPL[(plan.dgrad, "dgrad")]
+        accum_name = getattr(kernels.grouped_mlp, "wgrad_accum", DEFAULT_EXPERT_WGRAD_ACCUM)
+        accum = EXPERT_WGRAD_ACCUM[accum_name]
+        if accum is _accum_grouped and not torch_grouped_mm_usable():
+            accum = _accum_loop
+    else:
+        fwd, dgrad, accum = _ref_fwd, _ref_dgrad, _accum_loop
+    if accum is _accum_loop:
+        meta.prefetch_cpu()
+    h = _GroupedLinearAccum.apply(x, w13, meta, fwd, dgrad, accum)
+    return _GroupedLinearAccum.apply(kernels.swiglu(h, row_scale), w2, meta, fwd, dgrad, accum)
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor, plan: GemmPlan,
                    meta: _Meta | None = None) -> torch.Tensor:
     """``out[rows of e] = x[rows of e] @ w[e]`` for expert-sorted ``x``; bf16 CUDA via ``plan``, else a loop."""
@@ -173,8 +265,11 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Te
     return reference.grouped_mm(x, w, tokens_per_expert)
 
 
-def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable) -> Callable:
-    """A ``grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None)`` running ``plan``'s GEMMs and ``swiglu_fn``."""
+def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> Callable:
+    """A ``grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None)`` running ``plan``'s GEMMs and ``swiglu_fn``
+    (``wgrad_accum``: the ``EXPERT_WGRAD_ACCUM`` strategy :func:`grouped_mlp_accumulating` uses with it)."""
+    if wgrad_accum not in EXPERT_WGRAD_ACCUM:
+        raise ValueError(f"expert wgrad accumulation {wgrad_accum!r}: expected one of {sorted(EXPERT_WGRAD_ACCUM)}")
 
     def grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None):
         meta = _Meta(tokens_per_expert)
@@ -182,4 +277,5 @@ def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable) -> Callable:
         return grouped_linear(swiglu_fn(h, row_scale), w2, tokens_per_expert, plan, meta)
 
     grouped_mlp.plan = plan  # type: ignore[attr-defined]
+    grouped_mlp.wgrad_accum = wgrad_accum  # type: ignore[attr-defined]
     return grouped_mlp

@@ -14,6 +14,9 @@ micro-batch and finalise after the last backward.
 
 All of this runs on CPU/gloo too, given ``engmoe.parallel.cpu_compat`` (a device shim and the
 ``cuda_to_cpu`` factory mode around construction and the schedule).
+
+With ``gradient_accumulation_fusion`` the weight-gradient GEMMs add straight into those fp32 buffers
+(``engmoe.parallel.grad_fusion``), switched on here because the buffers exist only after wrapping.
 """
 from __future__ import annotations
 
@@ -23,8 +26,11 @@ from engmoe.config import ParallelConfig
 from engmoe.parallel.cpu_compat import cuda_to_cpu
 
 
-def wrap_data_parallel(models: list[nn.Module], parallel: ParallelConfig) -> list[nn.Module]:
-    """Wrap every model chunk in megatron's DDP (chunks after the first unbucketed, as megatron does)."""
+def wrap_data_parallel(models: list[nn.Module], parallel: ParallelConfig,
+                       gradient_accumulation_fusion: bool = False) -> list[nn.Module]:
+    """Wrap every model chunk in megatron's DDP (chunks after the first unbucketed, as megatron does); with
+    ``gradient_accumulation_fusion`` (resolved: ``engmoe.parallel.grad_fusion.resolve``) the weight
+    gradients then accumulate into DDP's fp32 ``main_grad`` inside their GEMMs."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     wrapped = []
@@ -37,6 +43,10 @@ def wrap_data_parallel(models: list[nn.Module], parallel: ParallelConfig) -> lis
         )
         with cuda_to_cpu():
             wrapped.append(DistributedDataParallel(model.config, ddp_config, model, disable_bucketing=i > 0))
+    if gradient_accumulation_fusion:
+        from engmoe.parallel import grad_fusion
+
+        grad_fusion.enable(wrapped)
     return wrapped
 
 

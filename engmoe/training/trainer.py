@@ -29,6 +29,7 @@ from engmoe.model import build_model_chunks, count_parameters, model_flops_per_t
 from engmoe.parallel import initialize_parallel
 from engmoe.parallel.context import shard_batch
 from engmoe.parallel.cpu_compat import cuda_to_cpu
+from engmoe.parallel import grad_fusion
 from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
 from engmoe.training import checkpoint as ckpt
 from engmoe.training.data import TrainData, build_train_data, rank_microbatches
@@ -96,7 +97,10 @@ class Trainer:
         self.params_dtype = resolve_param_dtype(cfg.stage, self.device)
         self.models = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=self.device,
                                          params_dtype=self.params_dtype)
-        self.ddp_models = wrap_data_parallel(self.models, cfg.parallel)
+        # weight gradients straight into DDP's fp32 main_grad (engmoe.parallel.grad_fusion)
+        self.gradient_accumulation_fusion = grad_fusion.resolve(cfg.model.gradient_accumulation_fusion,
+                                                                self.params_dtype, self.device)
+        self.ddp_models = wrap_data_parallel(self.models, cfg.parallel, self.gradient_accumulation_fusion)
         install_schedule_hooks(self.ddp_models)
         self.is_last_stage = self.models[-1].post_process
         self.cp_group = ps.get_context_parallel_group() if self.env.cp > 1 else None

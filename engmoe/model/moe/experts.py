@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engmoe.kernels import MoEKernels
+from engmoe.kernels import MoEKernels, grouped, wgrad
 
 
 class GroupedExperts(nn.Module):
@@ -27,10 +27,17 @@ class GroupedExperts(nn.Module):
         for p in (self.w13, self.w2):
             p.expert_shard = (expert_offset, num_experts)  # type: ignore[attr-defined]
             p.allreduce = False  # type: ignore[attr-defined]  # megatron: expert grads reduce over expert-DP
+        # set by engmoe.parallel.grad_fusion once DDP has given the weights their fp32 main_grad buffers
+        self.gradient_accumulation_fusion = False
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, kernels: MoEKernels,
                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``(swiglu(x @ w13[e]) · row_scale) @ w2[e]`` per expert block; ``row_scale`` is each row's routing
         probability (fused into the activation kernel)."""
+        if (self.gradient_accumulation_fusion and kernels.name in grouped.ACCUMULATING_BACKENDS
+                and torch.is_grad_enabled() and x.dtype == self.w13.dtype
+                and wgrad.can_fuse(self.w13) and wgrad.can_fuse(self.w2)):
+            # weight gradients added straight into the fp32 main_grad buffers (engmoe.kernels.wgrad)
+            return grouped.grouped_mlp_accumulating(x, tokens_per_expert, self.w13, self.w2, row_scale, kernels)
         # fp32 master weights under bf16 autocast: the GEMMs run in the activations' dtype
         return kernels.grouped_mlp(x, tokens_per_expert, self.w13.to(x.dtype), self.w2.to(x.dtype), row_scale)
