@@ -11,6 +11,8 @@ recording (on global rank 0, into ``DIR/<job>.pt``):
 * ``grads`` — the reduced, unclipped gradients of step 1 gathered to full shape by global name,
 * ``params1`` / ``params2`` — all parameters after step 1 / step 2, full shape,
 * ``replica_diff`` — the largest difference between copies of the same tensor held by different ranks,
+* ``fused_weights`` — how many of rank 0's weights had their gradient accumulated into ``main_grad`` by
+  the GEMM (``model.gradient_accumulation_fusion``),
 * ``uneven_routing`` — whether some expert received a different number of rows than another (so the
   all-to-all really ran with variable split sizes).
 
@@ -104,6 +106,9 @@ def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
         first = trainer.train_step()
         trainer.optimizer.clip = clip
         counts = torch.stack([m.last_stats["tokens_per_expert"] for m in trainer.moe_layers()])
+        # weights whose gradient went straight into main_grad (gradient-accumulation fusion) on this rank
+        record["fused_weights"] = sum(bool(getattr(p, "grad_added_to_main_grad", False))
+                                      for m in trainer.models for p in m.parameters())
         record.update(grads=captured["grads"], grad_norm=first["grad_norm"], aux=first["aux_loss"],
                       uneven_routing=bool((counts.max(1).values != counts.min(1).values).any()))
         replica = max(replica, captured["diff"])

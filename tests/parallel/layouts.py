@@ -7,6 +7,9 @@ world 2 can load world 4's checkpoint. Where dp is not written it is what is lef
 from __future__ import annotations
 
 SP = {"sequence_parallel": True}
+# gradient-accumulation fusion: weight-gradient GEMMs add into DDP's main_grad (engmoe.parallel.grad_fusion);
+# the single-process reference runs unfused, so these layouts also prove fused == unfused
+GAF = ("model.gradient_accumulation_fusion=true",)
 
 REFERENCE = [{"name": "single", "parallel": {}}]
 
@@ -19,6 +22,10 @@ WORLD4 = [
     # expert-data-parallel size 2: expert gradients reduced over their own group; small buckets
     {"name": "dp4_ep2", "parallel": {"expert": 2, "ddp_bucket_size": 30000}},
     {"name": "tp2_pp2v2", "parallel": {"tensor": 2, **SP, "pipeline": 2, "virtual_pipeline": 2}},
+    # fusion under pipeline × expert parallelism with ZeRO, and under sequence-parallel TP with virtual stages
+    {"name": "pp2_ep2_dp2_gaf", "parallel": {"pipeline": 2, "expert": 2}, "overrides": GAF},
+    {"name": "tp2_pp2v2_gaf", "parallel": {"tensor": 2, **SP, "pipeline": 2, "virtual_pipeline": 2},
+     "overrides": GAF},
     # expert tensor parallelism with expert parallelism: each expert's FFN split over 2 ranks, experts over 2
     # (all-to-all over ep, then all-gather / reduce-scatter over etp); saved for resharding to etp1
     {"name": "ep2_etp2_dp4", "parallel": {"expert": 2, "expert_tensor": 2}, "save": "ep2_etp2"},
@@ -38,6 +45,10 @@ WORLD2 = [
     {"name": "cp2", "parallel": {"context": 2}},
     {"name": "dp2_zero", "parallel": {"distributed_optimizer": True, "ddp_bucket_size": 30000}},
     {"name": "dp2_plain", "parallel": {"distributed_optimizer": False, "overlap_grad_reduce": False}},
+    # fusion with plain DDP (no overlap: the hook never looks at param.grad) and with expert-tensor parallelism
+    {"name": "dp2_plain_gaf", "parallel": {"distributed_optimizer": False, "overlap_grad_reduce": False},
+     "overrides": GAF},
+    {"name": "etp2_gaf", "parallel": {"expert_tensor": 2}, "overrides": GAF},
     {"name": "tp2_ep2", "parallel": {"tensor": 2, **SP, "expert": 2}},
     {"name": "load_pp2_ep2_as_dp2_plain", "parallel": {"distributed_optimizer": False}, "load": "pp2_ep2"},
     # expert tensor parallelism alone: every expert split over both ranks (rows all-gathered, outputs

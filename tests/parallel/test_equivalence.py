@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from equivalence_check import compare, load  # noqa: E402
-from layouts import REFERENCE, SAVED_BY, WORLD2, WORLD4  # noqa: E402
+from layouts import GAF, REFERENCE, SAVED_BY, WORLD2, WORLD4  # noqa: E402
 
 pytestmark = pytest.mark.slow
 LR = 1e-3  # equivalence_worker.make_config
@@ -54,6 +54,7 @@ def results(tmp_path_factory) -> Path:
 
 
 TRAINED = [j["name"] for j in WORLD4 + WORLD2 if "load" not in j]
+FUSED = {j["name"] for j in WORLD4 + WORLD2 if GAF[0] in j.get("overrides", ())}
 LOADED = [j for j in WORLD4 + WORLD2 if "load" in j]
 
 
@@ -70,6 +71,8 @@ def test_layout_matches_single_process(results, name):
     problems, _ = compare(result, ref, LR)
     assert not problems, f"{result['layout']}:\n" + "\n".join(problems[:20])
     assert result["uneven_routing"]
+    # gradient-accumulation fusion really ran where the layout asks for it (and only there)
+    assert (result["fused_weights"] > 0) == (name in FUSED), result["fused_weights"]
 
 
 @pytest.mark.parametrize("job", LOADED, ids=[j["name"] for j in LOADED])
