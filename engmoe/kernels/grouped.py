@@ -193,10 +193,26 @@ def _accum_loop(main_grad, x, dy, m):
     wgrad.accumulate_tn(main_grad, x, dy, m.cpu.tolist())
 
 
+@functools.lru_cache(maxsize=None)
+def grouped_mm_fp32_out_usable() -> bool:
+    """``torch._grouped_mm(bf16, bf16, out_dtype=float32)`` runs here (some torch versions insist on bf16 out)."""
+    if not torch_grouped_mm_usable():
+        return False
+    try:
+        a = torch.ones(32, 16, device="cuda", dtype=torch.bfloat16)
+        offs = torch.tensor([16, 32], device="cuda", dtype=torch.int32)
+        out = torch._grouped_mm(a.t(), a, offs=offs, out_dtype=torch.float32)
+        return out.dtype == torch.float32 and bool(torch.all(out == 16).item())
+    except (TypeError, RuntimeError):
+        return False
+
+
 def _accum_grouped(main_grad, x, dy, m):
     """One ``torch._grouped_mm`` with fp32 output, then one in-place add: a single launch and no host counts,
-    but the add pass stays (and reads fp32, not bf16): it saves only the bf16 rounding."""
-    main_grad.add_(torch._grouped_mm(x.t(), dy, offs=m.offs, out_dtype=torch.float32))
+    but the add pass stays (and reads fp32, not bf16): it saves only the bf16 rounding. Where the fp32
+    output is refused, the bf16 result is added (the unfused arithmetic)."""
+    out_dtype = torch.float32 if grouped_mm_fp32_out_usable() else None
+    main_grad.add_(torch._grouped_mm(x.t(), dy, offs=m.offs, out_dtype=out_dtype))
 
 
 # How the experts' weight gradient reaches main_grad on the fast (CUDA bf16) path; ENGMOE_EXPERT_WGRAD_ACCUM
