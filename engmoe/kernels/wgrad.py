@@ -59,15 +59,27 @@ def _common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return a.to(low), b.to(low)
 
 
-def _gemm_tn_accum(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``c += aᵀ @ b`` (a ``[T, M]``, b ``[T, N]``, c ``[M, N]``), accumulating in ``c``'s precision."""
+def _addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    c.addmm_(a.t(), b)
+
+
+def _addmm_fp32_out(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.addmm(c, a.t(), b, out_dtype=torch.float32, out=c)
+
+
+def _addmm_upcast(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    # bf16 products are exact in fp32: upcasting first gives the same sums (slower, more memory)
+    c.addmm_(a.t().to(c.dtype), b.to(c.dtype))
+
+
+def _gemm_for(c: torch.Tensor, a: torch.Tensor):
+    """The ``c += aᵀ @ b`` implementation for these dtypes/device (chosen once per call, not per expert)."""
     if a.dtype == c.dtype:
-        c.addmm_(a.t(), b)
-    elif c.is_cuda and c.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) \
-            and _addmm_out_dtype_ok(c.device):
-        torch.addmm(c, a.t(), b, out_dtype=torch.float32, out=c)
-    else:  # bf16 products are exact in fp32: upcasting first gives the same sums (slower, more memory)
-        c.addmm_(a.t().to(c.dtype), b.to(c.dtype))
+        return _addmm_
+    if (c.is_cuda and c.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and _addmm_out_dtype_ok(c.device)):
+        return _addmm_fp32_out
+    return _addmm_upcast
 
 
 def accumulate_tn(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -81,14 +93,15 @@ def accumulate_tn(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
     a, b = _common(a, b)
+    gemm = _gemm_for(c, a)
     if group_rows is None:
-        _gemm_tn_accum(c, a, b)
+        gemm(c, a, b)
         return
     start = 0
     for g, rows in enumerate(group_rows):
         rows = int(rows)
         if rows:
-            _gemm_tn_accum(c[g], a[start:start + rows], b[start:start + rows])
+            gemm(c[g], a[start:start + rows], b[start:start + rows])
         start += rows
 
 
