@@ -7,7 +7,8 @@ operands, fp32 ``main_grad``: device time of
 * ``fused``    — one cuBLAS GEMM with fp32 output and beta = 1 into ``main_grad`` (dense layers);
 * experts (``E`` = 16, ep4-share, and 64, proxy; ``T·k`` rows split evenly): ``unfused`` = one
   ``torch._grouped_mm`` (bf16 out) + add; ``loop`` = per-expert fp32-accumulating GEMMs (the default);
-  ``grouped`` = one ``torch._grouped_mm`` with fp32 output + add.
+  ``grouped`` = one ``torch._grouped_mm`` with fp32 output + add; ``loop_cpp`` = the loop issued from C++
+  (csrc/wgrad_accum.cpp, what the experts' backward runs when engmoe._C has it).
 
 Also the host time to issue each variant (the ``loop`` issues E GEMMs) and the largest difference from an
 fp64 reference relative to its largest element (fused must not be worse than unfused). Writes JSON.
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engmoe.kernels import wgrad  # noqa: E402
+from engmoe.kernels import cuda_ops, wgrad  # noqa: E402
 from engmoe.kernels.grouped import grouped_mm_fp32_out_usable  # noqa: E402
 
 H, HEADS, KV, D, F, VOCAB, TOP_K = 2880, 32, 4, 128, 1080, 131200, 8
@@ -93,6 +94,12 @@ def experts(name: str, experts_n: int, tokens: int, k_in: int, n_out: int, iters
     def loop():
         wgrad.accumulate_tn(main, x, dy, counts)
 
+    rows_cpu = torch.tensor(counts)
+    cpp = cuda_ops.grouped_wgrad_accum_available()
+
+    def loop_cpp():
+        torch.ops.engmoe.grouped_wgrad_accum_(main, x, dy, rows_cpu)
+
     def grouped():
         main.add_(torch._grouped_mm(x.t(), dy, offs=offs, out_dtype=torch.float32 if fp32_out else None))
 
@@ -100,13 +107,16 @@ def experts(name: str, experts_n: int, tokens: int, k_in: int, n_out: int, iters
     want = torch.stack([a.t() @ b for a, b in zip(xs, dys)])
     res = {"weight": name, "experts": experts_n, "shape": [experts_n, k_in, n_out], "rows_per_expert": counts[0],
            "grouped_fp32_out": fp32_out}
-    for label, fn in (("unfused", unfused), ("loop", loop), ("grouped", grouped)):
+    variants = [("unfused", unfused), ("loop", loop), ("grouped", grouped)] + ([("loop_cpp", loop_cpp)] if cpp else [])
+    for label, fn in variants:
         main.zero_()
         fn()
         res[f"{label}_err"] = _err(main, want)
         res[f"{label}_ms"], res[f"{label}_host_ms"] = _time(fn, iters)
     res["speedup_loop"] = res["unfused_ms"] / res["loop_ms"]
     res["speedup_grouped"] = res["unfused_ms"] / res["grouped_ms"]
+    if cpp:
+        res["speedup_loop_cpp"] = res["unfused_ms"] / res["loop_cpp_ms"]
     del main, want
     torch.cuda.empty_cache()
     return res
@@ -138,7 +148,8 @@ def main() -> int:
             print(f"{name:4s} E={E:<3d} {r['rows_per_expert']:5d} rows/expert  unfused {r['unfused_ms']:.3f} ms  "
                   f"loop {r['loop_ms']:.3f} ms (x{r['speedup_loop']:.2f}, host {r['loop_host_ms']:.3f} ms)  "
                   f"grouped {r['grouped_ms']:.3f} ms (x{r['speedup_grouped']:.2f})  "
-                  f"err unfused {r['unfused_err']:.1e} loop {r['loop_err']:.1e} grouped {r['grouped_err']:.1e}",
+                  f"err unfused {r['unfused_err']:.1e} loop {r['loop_err']:.1e} grouped {r['grouped_err']:.1e}"
+                  + (f"  loop_cpp {r['loop_cpp_ms']:.3f} ms (host {r['loop_cpp_host_ms']:.3f} ms)" if cpp else ""),
                   flush=True)
     if args.out:
         out = Path(args.out)

@@ -41,7 +41,7 @@ def _jit_build(verbose: bool = False) -> None:
     from torch.utils.cpp_extension import load
 
     src = _csrc_dir()
-    sources = [str(src / "ops.cpp"), str(src / "moe_kernels.cu")]
+    sources = [str(src / "ops.cpp"), str(src / "moe_kernels.cu"), str(src / "wgrad_accum.cpp")]
     for s in sources:
         if not os.path.exists(s):
             raise FileNotFoundError(f"engmoe JIT build: {s} not found (needs a source checkout)")
@@ -75,6 +75,17 @@ def load_extension(jit: bool | None = None, verbose: bool = False) -> bool:
         _register_python_side()
     _STATE["loaded"] = ok
     return ok
+
+
+def grouped_wgrad_accum_available() -> bool:
+    """``torch.ops.engmoe.grouped_wgrad_accum_`` (csrc/wgrad_accum.cpp) is loaded (an older build lacks it)."""
+    if not available():
+        return False
+    try:
+        torch.ops.engmoe.grouped_wgrad_accum_  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def load_error() -> str | None:
@@ -149,6 +160,11 @@ def _register_python_side() -> None:
     @torch.library.register_fake(lib + "ce_bwd_")
     def _(logits, target, row_max, sumexp, grad, vocab_start):
         return None
+
+    if hasattr(torch.ops.engmoe, "grouped_wgrad_accum_"):  # csrc/wgrad_accum.cpp (absent from older builds)
+        @torch.library.register_fake(lib + "grouped_wgrad_accum_")
+        def _(main_grad, x, dy, rows):
+            return None
 
     # ---- autograd ----
     def permute_setup(ctx, inputs, output):

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from engmoe.kernels import reference, wgrad
+from engmoe.kernels import cuda_ops, reference, wgrad
 
 LIBS = ("torch", "grouped_gemm")
 
@@ -189,7 +189,13 @@ def _ref_dgrad(dy, w, m):
 
 def _accum_loop(main_grad, x, dy, m):
     """Per expert ``main_grad[e] += x_eᵀ dy_e``: cuBLAS with fp32 output and beta = 1, so the bf16 gradient
-    and the separate add pass both disappear. Host row counts: prefetched in the forward (no stall)."""
+    and the separate add pass both disappear. Host row counts: prefetched in the forward (no stall). On
+    CUDA the loop runs in C++ (csrc/wgrad_accum.cpp: no Python per expert) when the extension has it."""
+    if (main_grad.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and dy.dtype == x.dtype
+            and main_grad.dtype == torch.float32 and main_grad.is_contiguous() and x.dim() == 2 and dy.dim() == 2
+            and wgrad.fused_wgrad_supported(main_grad.device, x.dtype) and cuda_ops.grouped_wgrad_accum_available()):
+        torch.ops.engmoe.grouped_wgrad_accum_(main_grad, x.contiguous(), dy, m.cpu)
+        return
     wgrad.accumulate_tn(main_grad, x, dy, m.cpu.tolist())
 
 

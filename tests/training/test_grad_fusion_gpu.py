@@ -39,8 +39,19 @@ def test_fp32_output_gemm_accumulates():
     for e, n in enumerate(rows):
         want3[e] += a[start:start + n].double().t() @ b[start:start + n].double()
         start += n
+    c3_cpp = c3.clone()
     wgrad.accumulate_tn(c3, a, b, rows)
     torch.testing.assert_close(c3.double(), want3, rtol=1e-5, atol=1e-4)
+    # the same loop in C++ (csrc/wgrad_accum.cpp), what the experts' backward calls
+    from engmoe.kernels import cuda_ops
+
+    if not cuda_ops.load_extension():
+        pytest.fail(f"engmoe CUDA extension not loadable on a GPU machine: {cuda_ops.load_error()}")
+    assert cuda_ops.grouped_wgrad_accum_available(), "engmoe._C predates grouped_wgrad_accum_: rebuild it"
+    torch.ops.engmoe.grouped_wgrad_accum_(c3_cpp, a, b, torch.tensor(rows))
+    torch.testing.assert_close(c3_cpp, c3, rtol=1e-6, atol=1e-6)  # the same cuBLAS calls
+    with pytest.raises(RuntimeError, match="row counts"):
+        torch.ops.engmoe.grouped_wgrad_accum_(c3_cpp, a, b, torch.tensor([0, 300, 1, 700]))
 
 
 def _main_grads(fused: bool, backend: str, monkeypatch, accum: str = "loop"):
