@@ -23,9 +23,9 @@ def _config(extra=()):
                                                  *extra])
 
 
-def _main_grads(fused: bool, dtype=torch.float32, parallel: ParallelConfig | None = None):
+def _main_grads(fused: bool, dtype=torch.float32, parallel: ParallelConfig | None = None, extra=()):
     """Sum of MICRO_BATCHES backward passes in DDP's buffers, by parameter name."""
-    cfg = _config()
+    cfg = _config(extra)
     model = build_model(cfg.model, cfg.parallel, seed=11, params_dtype=dtype)
     (ddp,) = wrap_data_parallel([model], parallel or ParallelConfig(ddp_bucket_size=20000), fused)
     ddp.zero_grad_buffer()
@@ -78,6 +78,17 @@ def test_fused_bf16_params_within_bf16_rounding_of_unfused(single_rank):
         # same GEMM inputs: the difference is the bf16 rounding (2^-8 relative) of up to 3 summed gradients
         assert (out[name] - ref[name]).abs().max().item() <= 3 * 2 ** -8 * scale + 1e-6, name
         assert out[name].dtype == torch.float32
+
+
+def test_tied_output_layer_stays_unfused(single_rank):
+    """A tied output layer shares the embedding's weight, whose lookup gradient arrives through autograd:
+    fusing it would drop one of the two contributions, so it is left out (and the sum stays right)."""
+    tied = ("model.tie_embeddings=true",)
+    ref, _, _ = _main_grads(False, extra=tied)
+    out, flags, _ = _main_grads(True, extra=tied)
+    assert not flags["embedding.weight"] and flags["layers.0.mlp.experts.w13"]
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_accumulate_tn_grouped_matches_loop():
