@@ -94,8 +94,10 @@ def test_fused_main_grad_matches_unfused_under_ddp(single_rank, monkeypatch, bac
     for name in ref:
         scale = ref[name].abs().max().item()
         diff = (out[name] - ref[name]).abs().max().item()
-        # fused skips the bf16 rounding (<= 2^-8 relative) of each of the 3 micro-batch gradients
-        assert diff <= 3 * 2 ** -8 * scale + 1e-6, f"{name}: {diff:.3e} vs max {scale:.3e}"
+        # fused skips the bf16 rounding (2^-9 relative) of each of the 3 micro-batch gradients: 3·2^-9 of the
+        # largest element without cancellation between micro-batches, 0.03 leaves room for it; a fault (a
+        # dropped or doubled micro-batch, a gradient in the wrong expert) is at least 1/3 of the element
+        assert diff <= 0.03 * scale + 1e-6, f"{name}: {diff:.3e} vs max {scale:.3e}"
         assert torch.isfinite(out[name]).all(), name
 
 
