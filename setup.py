@@ -54,7 +54,8 @@ setup(
     description="Sparse Mixture-of-Experts LM (EngGPT2-16B-A3B family): model, kernels, data prep, staged pretraining",
     python_requires=">=3.11",
     packages=find_packages(include=["engmoe", "engmoe.*"]),
-    package_data={"engmoe": ["resources/*", "data_prep/resources/*"]},
+    # presets, stages, demo overlays, blends and sbatch templates (read with importlib.resources)
+    package_data={"engmoe.resources": ["*/*.yaml", "slurm/*.sbatch"], "engmoe": ["data_prep/resources/*"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 bench/long_context_train.py --variant plain --json $OUT/train_cp2_plain.json
     torchrun --nproc-per-node 2 bench/long_context_train.py --variant packed --json $OUT/train_cp2_packed.json
 
-The real ``Trainer`` on the long-context stage config (``configs/stages/long-context.yaml``: 32k sequences,
+The real ``Trainer`` on the long-context stage config (``engmoe/resources/stages/long-context.yaml``: 32k sequences,
 RoPE base 1e6, its optimizer and aux-loss settings) with the ``proxy`` model (EngGPT2 layers, 4 of them),
 context parallel over every GPU by default (``--cp``; pipeline, expert, tensor 1), bf16 autocast, ZeRO over
 the data×context ranks, mock tokens:

@@ -1,4 +1,4 @@
-"""``engmoe`` command: small utilities around the model (training is ``launch/pretrain.py``)."""
+"""``engmoe`` command: small utilities around the model (training is ``python -m engmoe.launch.pretrain``)."""
 from __future__ import annotations
 
 import argparse

@@ -4,8 +4,9 @@ Why a hand-rolled loader instead of OmegaConf/Hydra: we want three things only �
 errors, every value is checked against its annotated type, and every error names the dotted field and
 the file it came from. That is ~150 lines and no dependency.
 
-Load order (later wins): dataclass defaults → model preset (``configs/model/<name>.yaml`` into
-``model``) → stage file (``configs/stages/<stage>.yaml``) → ``--config`` files → ``--set`` overrides.
+Load order (later wins): dataclass defaults → model preset (``engmoe/resources/model/<name>.yaml`` into
+``model``) → stage file (``engmoe/resources/stages/<stage>.yaml``) → ``--config`` files → ``--set`` overrides.
+Presets and stages are named (packaged, see ``engmoe.resources``) or given as paths of YAML files.
 """
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from engmoe import resources
 from engmoe.io import read_document
-
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -91,7 +91,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "te", "naive")
 
 @dataclass
 class ModelConfig:
-    """Architecture. Defaults are EngGPT2-16B-A3B (DESIGN §1); presets in configs/model/ override."""
+    """Architecture. Defaults are EngGPT2-16B-A3B (DESIGN §1); presets in engmoe/resources/model/ override."""
 
     name: str = "enggpt2-16b-a3b"
     num_layers: int = 24
@@ -245,7 +245,7 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    # Blend YAML (configs/data/*.yaml); None on a machine without data means the built-in demo corpus.
+    # Blend: a packaged name (engmoe/resources/data/<name>.yaml) or a blend YAML path; None on a machine without data means the built-in demo corpus.
     blend: Optional[str] = None
     data_root: Optional[str] = None
     tokenizer: Optional[str] = None
@@ -461,8 +461,7 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
     raise ConfigError(f"{source}: {where}: unsupported type {tp}")
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
+def read_yaml(path: str | Path | resources.Resource) -> dict:
     data = read_document(path, ConfigError, "config file not found")
     if data is None:
         return {}
@@ -500,26 +499,14 @@ def apply_overrides(cfg: "Config", overrides: tuple[str, ...] | list[str]) -> "C
     return cfg
 
 
-def model_preset_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    candidate = CONFIG_ROOT / "model" / f"{name}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
-        raise ConfigError(f"model preset {name!r} not found at {candidate} (known presets: {', '.join(known)})")
-    return candidate
+def model_preset_path(name: str) -> resources.Resource:
+    """A model preset's file: a packaged name (``tiny``, ``proxy``, ...) or the path of a YAML file."""
+    return resources.find("model", name, ConfigError)
 
 
-def stage_path(stage: str) -> Path:
-    path = Path(stage)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    candidate = CONFIG_ROOT / "stages" / f"{stage}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in (CONFIG_ROOT / "stages").glob("*.yaml"))
-        raise ConfigError(f"stage {stage!r} not found at {candidate} (known stages: {', '.join(known)})")
-    return candidate
+def stage_path(stage: str) -> resources.Resource:
+    """A stage's file: a packaged name (``1``, ``2``, ``long-context``, ...) or the path of a YAML file."""
+    return resources.find("stages", stage, ConfigError)
 
 
 def load_model_config(preset: str) -> ModelConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,14 +44,15 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
 
 
-def read_document(path: str | Path, error: type[Exception], missing: str) -> Any:
-    """The parsed contents of a ``.json`` file (JSON) or any other file (YAML). A missing file raises
-    ``error('<path>: <missing>')``, bad syntax ``error('<path>: invalid JSON|YAML: ...')``."""
-    path = Path(path)
+def read_document(path: str | os.PathLike | Traversable, error: type[Exception], missing: str) -> Any:
+    """The parsed contents of a ``.json`` file (JSON) or any other file (YAML), on disk or packaged
+    (``engmoe.resources``). A missing file raises ``error('<path>: <missing>')``, bad syntax
+    ``error('<path>: invalid JSON|YAML: ...')``."""
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
     if not path.is_file():
         raise error(f"{path}: {missing}")
     text = path.read_text()
-    if path.suffix == ".json":
+    if path.name.endswith(".json"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:

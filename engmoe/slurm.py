@@ -1,4 +1,4 @@
-"""Render the SLURM templates in ``launch/slurm/`` with per-stage defaults (the report's node counts).
+"""Render the SLURM templates (``engmoe/resources/slurm/``) with per-stage defaults (the report's node counts).
 
 Templates use ``{{NAME}}`` placeholders so that bash's own ``$VAR`` syntax stays untouched; rendering
 fails if any placeholder is left unfilled.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "launch" / "slurm"
+from engmoe import resources
 
 # Nodes × 4 GPUs per stage, after the EngGPT2 report (A100 nodes of 4 GPUs).
 STAGE_NODES = {"1": 64, "2": 128, "3": 128, "long-context": 64, "mid-training": 16}
@@ -18,7 +18,7 @@ COMMON = {"PARTITION": "gpu", "TIME": "48:00:00", "WORKDIR": str(Path.cwd()),
 
 
 def render(template: str, values: dict[str, str]) -> str:
-    text = (TEMPLATES / template).read_text()
+    text = resources.find("slurm", template.removesuffix(".sbatch")).read_text()
     out = re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), text)
     missing = sorted(set(re.findall(r"\{\{(\w+)\}\}", out)))
     if missing:

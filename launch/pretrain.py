@@ -1,59 +1,14 @@
-"""engmoe pretraining entry point (run under torchrun).
+"""Pretraining from a checkout: ``torchrun --nproc-per-node 8 launch/pretrain.py --stage 2 [...]``.
 
-    torchrun --nproc-per-node 8 launch/pretrain.py --stage 2 [--model enggpt2-16b-a3b] \
-        [--config extra.yaml] [--set optimizer.lr=2e-4 ...] [--resume auto]
-
-Stages are ``configs/stages/<stage>.yaml`` (1, 2, 3, long-context, mid-training). On a machine without the
-stage's data (its ``data.data_root`` does not exist) and no data settings given, it runs the built-in demo:
-the ``tiny`` model on the demo corpus, with the stage scaled down by ``configs/demo/<stage>.yaml``.
+The same as ``torchrun ... -m engmoe.launch.pretrain`` (the code and its options are there), for a
+checkout that is not installed.
 """
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, help="1 | 2 | 3 | long-context | mid-training | path/to/stage.yaml")
-    p.add_argument("--model", default=None, help="model preset (configs/model/<name>.yaml) or a YAML path")
-    p.add_argument("--config", action="append", default=[], help="extra YAML overlaid on the stage (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field (repeatable)")
-    p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in stage.save_dir) or a path")
-    p.add_argument("--demo", action="store_true", help="force the built-in demo (tiny model, demo corpus)")
-    p.add_argument("--exit-after", type=int, default=None, help="save and exit after this many steps (testing, "
-                   "time-limited jobs)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    from engmoe.config import load_config, stage_path
-    from engmoe.launch_support import demo_overlay, wants_demo
-
-    args = parse_args(argv)
-    cfg = load_config(model=args.model, stage=args.stage, files=args.config, overrides=args.set)
-    if args.demo or wants_demo(cfg, args):
-        overlay = demo_overlay(stage_path(args.stage).stem)
-        cfg = load_config(model=args.model or "tiny", stage=args.stage, files=[overlay, *args.config],
-                          overrides=args.set)
-        print(f"engmoe: no data for stage {args.stage} on this machine ({cfg.data.data_root or 'data.data_root unset'}); "
-              f"running the built-in demo: model {cfg.model.name}, demo corpus, {overlay}", flush=True)
-    if args.print_config:
-        import yaml
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return 0
-    from engmoe.training.trainer import Trainer
-
-    Trainer(cfg, resume=args.resume, exit_after=args.exit_after).train()
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
+from engmoe.launch.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,7 @@
 """Data blends: which tokenized datasets a stage trains on, and with what weight.
 
-A blend file (``configs/data/<stage>.yaml``) names datasets, each with a weight and either the manifest the
+A blend (a packaged name such as ``stage1``, i.e. ``engmoe/resources/data/stage1.yaml``, or the path of
+a YAML file) names datasets, each with a weight and either the manifest the
 tokenization job wrote or an explicit list of megatron ``.bin/.idx`` prefixes::
 
     name: stage1
@@ -23,6 +24,7 @@ from typing import Optional
 
 import yaml
 
+from engmoe import resources
 from engmoe.io import read_document
 
 
@@ -91,8 +93,9 @@ _ENTRY_FIELDS = {"weight", "manifest", "prefixes"}
 
 
 def load_blend(path: str | Path) -> Blend:
-    """Parse and validate a blend YAML (structure only; paths are checked by ``resolve_blend``)."""
-    path = Path(path)
+    """Parse and validate a blend, packaged name or YAML path (structure only; paths are checked by
+    ``resolve_blend``)."""
+    path = resources.find("data", str(path), BlendError)
     data = read_document(path, BlendError, "blend file not found")
     if not isinstance(data, dict):
         raise BlendError(f"{path}: expected a mapping with 'datasets', got {type(data).__name__}")
@@ -128,7 +131,7 @@ def load_blend(path: str | Path) -> Blend:
         entries.append(BlendEntry(str(name), float(weight), manifest, tuple(prefixes or ())))
     if sum(e.weight for e in entries) <= 0:
         raise BlendError(f"{path}: datasets: every weight is 0")
-    return Blend(str(data.get("name", path.stem)), str(path), tuple(entries), split)
+    return Blend(str(data.get("name", path.name.rsplit(".", 1)[0])), str(path), tuple(entries), split)
 
 
 def _is_number(text: str) -> bool:

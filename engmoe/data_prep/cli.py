@@ -4,7 +4,7 @@
     engmoe-data train-tokenizer --input corpus.jsonl --vocab-size 32768 --out tok.json
     engmoe-data tokenize --input raw/fineweb-edu --output data/tokenized/fineweb-edu-en \
         --tokenizer data/tokenizer/enggpt2.json --tasks 64 --workers 8 [--copyright-filter 0.4] [--slurm ...]
-    engmoe-data check-blend configs/data/stage1.yaml --data-root data/tokenized --tokens 600e9
+    engmoe-data check-blend stage1 --data-root data/tokenized --tokens 600e9
     engmoe-data render-chat --input chats.jsonl --tokenizer tok.json --out data/chat_packed/sft --seq-len 32768
     engmoe-data copyright-score --input docs.jsonl          # per-signal table, drop rate at 0.3 / 0.4
     engmoe-data demo [--root data/demo]                     # the built-in demo corpus (offline)
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_tokenize)
 
     c = sub.add_parser("check-blend", help="per-dataset tokens, epochs per token budget, missing paths of a blend")
-    c.add_argument("blend")
+    c.add_argument("blend", help="a packaged blend (stage1, stage2, ...) or a blend YAML path")
     c.add_argument("--data-root", default=None)
     c.add_argument("--tokens", type=float, default=None, help="token budget of the stage, e.g. 600e9")
     c.set_defaults(fn=_check_blend)

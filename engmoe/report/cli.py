@@ -65,7 +65,7 @@ def register(sub) -> None:
     c.add_argument("--plot", default=None, help="also write the loss/MFU curves PNG here")
     c.set_defaults(fn=_compute)
     d = rsub.add_parser("data", help="training-data summary from blend manifests")
-    d.add_argument("blends", nargs="+", help="blend YAMLs (one per stage), in pipeline order")
+    d.add_argument("blends", nargs="+", help="blends (packaged names or YAML paths, one per stage), in pipeline order")
     d.add_argument("--data-root", default=None, help="root the blends' manifest paths resolve against")
     d.add_argument("--stage-tokens", type=float, nargs="+", default=None,
                    help="token budget per blend (e.g. 600e9 1.5e12 400e9) for tokens drawn and epochs")

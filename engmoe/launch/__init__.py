@@ -1,0 +1,1 @@
+"""Entry points that start training: ``python -m engmoe.launch.pretrain`` (under torchrun)."""
