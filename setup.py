@@ -81,8 +81,10 @@ setup(
             "mwparserfromhell",
             "chatterbot-corpus",
         ],
-        # test-only dependencies (transformers is the independent oracle for RoPE/YaRN and HF export)
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "lm-eval==0.4.13", "matplotlib"],
+        # test-only dependencies (transformers is the independent oracle for RoPE/YaRN and HF export); ruff is
+        # the linter .ci/run runs; setuptools>=70.1 builds wheels without the `wheel` package (install test)
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "lm-eval==0.4.13", "matplotlib", "ruff>=0.8",
+                "setuptools>=70.1"],
         # evaluation harness adapter and the loss/MFU plots of `engmoe report`
         "eval": ["lm-eval==0.4.13", "matplotlib"],
         # optional fast GPU backends, used when importable
