@@ -91,7 +91,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "te", "naive")
 
 @dataclass
 class ModelConfig:
-    """Architecture. Defaults are EngGPT2-16B-A3B (DESIGN §1); presets in engmoe/resources/model/ override."""
+    """Architecture. Defaults are EngGPT2-16B-A3B (docs/DESIGN.md §1); presets in engmoe/resources/model/ override."""
 
     name: str = "enggpt2-16b-a3b"
     num_layers: int = 24
@@ -270,7 +270,7 @@ class StageConfig:
     train_steps: int = 1000
     global_batch: int = 1024
     micro_batch: int = 1
-    # Batch-size ramp: [[step, global_batch], ...] — from each step on, that batch (DESIGN §2 stage 1).
+    # Batch-size ramp: [[step, global_batch], ...] — from each step on, that batch (docs/DESIGN.md §2 stage 1).
     batch_ramp: list[list[int]] = field(default_factory=list)
     init_from: Optional[str] = None
     seed: int = 1234

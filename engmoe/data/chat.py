@@ -1,6 +1,6 @@
 """Render OpenAI-style conversations into EngGPT2 ChatML tokens with a per-token loss mask.
 
-Format (DESIGN §1), one turn per message::
+Format (docs/DESIGN.md §1), one turn per message::
 
     <|im_start|>system\\n{content}<|im_end|>\\n
     <|im_start|>user\\n{content}<|im_end|>\\n

@@ -1,14 +1,6 @@
-"""Context parallelism: each sequence is split over the context-parallel (CP) group.
-
-Load balancing for causal attention: the sequence is cut into ``2·cp`` equal chunks and rank ``r`` holds
-chunks ``r`` and ``2·cp−1−r`` (one early, one late), so every rank has the same amount of causal
-attention work. Everything but attention is token-local, so only attention communicates: each rank
-all-gathers the keys and values (GQA makes them small: 4 KV heads against 32 query heads) and attends
-its two query chunks to the key prefix each needs. The all-gather's backward is a reduce-scatter, which
-returns to each rank the gradient of its keys/values from every rank's queries.
-
-Packed sequences: document ids are sharded like the tokens and all-gathered once per forward pass, so
-the mask (causal by global position, same document) is exact.
+"""Context parallelism: each sequence is split over the context-parallel (CP) group in two load-balanced
+chunks per rank; only attention communicates (a K/V all-gather). See docs/parallelism.md, "Context
+parallelism".
 """
 from __future__ import annotations
 

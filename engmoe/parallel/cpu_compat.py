@@ -1,25 +1,7 @@
 """Let megatron-core's tensor-parallel layers, pipeline schedules and DDP run on CPU (gloo) processes.
 
-megatron-core 0.16.1 assumes CUDA in a few places that matter to us on CPU: ``tensor_parallel/mappings.py``,
-the p2p code and DDP's grad/param buffers allocate on ``torch.cuda.current_device()``, p2p calls
-``torch.cuda.synchronize()``, and the schedules and ``MegatronOptimizer`` create
-``torch.zeros(..., device="cuda")`` tensors. On a machine without CUDA we (1) point ``current_device`` at
-``"cpu"``, (2) make ``synchronize`` a no-op (gloo ops are synchronous on completion of ``wait()``),
-(3) offer ``cuda_to_cpu()``, a TorchFunctionMode that maps an explicit ``device="cuda"`` in tensor
-factories to the CPU, used around megatron's DDP construction and schedule calls only, and (4) let
-``torch.distributed.all_gather`` take tensors of different sizes on gloo, which refuses them: megatron's
-``gather_from_sequence_parallel_region(output_split_sizes=…)`` (and the backward of its variable-size
-reduce-scatter) passes them in the expert-tensor-parallel dispatch. On a gloo group with uneven sizes every
-tensor is padded to the largest, gathered, and the real elements copied out; every other call goes to
-torch's ``all_gather`` unchanged (NCCL gathers uneven sizes itself). None of this is active where CUDA
-exists.
-
-What stays CUDA-only even so: megatron's optimizers. ``DistributedOptimizer`` raises
-``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...``
-(``_build_model_and_main_param_groups``) and ``FP32Optimizer.step`` asserts
-``param.grad.type() == 'torch.cuda.FloatTensor'`` (``clip_grads.clip_grad_by_total_norm_fp32``); they are
-type-name checks, not device-agnostic code. ``engmoe.training.optimizer.BucketAdamW`` replaces them on
-every device.
+Inactive where CUDA exists. What each shim replaces, and why megatron's optimizers stay CUDA-only:
+docs/parallelism.md, "The CPU shims".
 """
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
-"""Data parallelism through megatron-core's ``DistributedDataParallel`` (bucketed, overlapped reduction).
+"""Data parallelism through megatron-core's ``DistributedDataParallel`` (bucketed, overlapped reduction;
+reduce-scatter and parameter all-gather under ZeRO-1), and the schedule hooks megatron's own loop installs.
 
-megatron's DDP keeps every gradient in contiguous per-dtype buffers (``param.main_grad`` views), groups
-them into buckets and reduces each bucket as soon as its last gradient is ready (``overlap_grad_reduce``):
-dense parameters over the data×context-parallel group, expert parameters (``param.allreduce = False``)
-over the expert-data-parallel group, both scaled by 1/(dp·cp). With ``use_distributed_optimizer`` it
-reduce-scatters instead (each rank then owns one shard of every bucket) and all-gathers the updated
-parameters from their owners (``start_param_sync``).
-
-``finalize_model_grads`` (also megatron's) then sums the gradients of parameters that sequence
-parallelism replicates over the tensor group (norms, router). The schedule hooks below are what
-megatron's own training loop installs so that the pipeline schedules delay the reduction to the last
-micro-batch and finalise after the last backward.
-
-All of this runs on CPU/gloo too, given ``engmoe.parallel.cpu_compat`` (a device shim and the
-``cuda_to_cpu`` factory mode around construction and the schedule).
-
-With ``gradient_accumulation_fusion`` the weight-gradient GEMMs add straight into those fp32 buffers
-(``engmoe.parallel.grad_fusion``), switched on here because the buffers exist only after wrapping.
+Dense gradients reduce over data×context ranks, expert ones (``allreduce = False``) over the
+expert-data-parallel group; ``finalize_model_grads`` then sums the sequence-parallel replicas (norms,
+router). With ``gradient_accumulation_fusion`` the weight-gradient GEMMs add straight into DDP's fp32
+buffers (``engmoe.parallel.grad_fusion``), switched on here because the buffers exist only after wrapping.
+Group layout: docs/parallelism.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
-"""Expert tensor parallelism (megatron-core's ``expert_tensor_parallel_size``): every expert's FFN split over
-the expert-tensor-parallel (ETP) group along the intermediate dimension F.
+"""Expert tensor parallelism (megatron-core's ``expert_tensor_parallel_size``): each expert's FFN split
+over the expert-tensor (ETP) group along its intermediate dimension F.
 
-Rank ``r`` of ``etp`` holds columns ``[r·F/etp, (r+1)·F/etp)`` of the gate and the same columns of the up
-projection — stored side by side as its ``w13 [E_local, H, 2F/etp]`` (gate slice | up slice), so the
-SwiGLU of a slice is computed locally — and the same rows of ``w2 [E_local, F/etp, H]``. A row's output is
-the sum over the ranks of their slices' partial outputs. The dispatcher (``engmoe.model.moe.dispatcher``)
-all-gathers the rows routed to the group's experts over the ETP group before the experts and
-reduce-scatters the partial outputs afterwards.
-
-``ExpertTensorShard`` (the ``expert_tensor_shard`` attribute of ``w13`` and ``w2``) maps between this
-rank's slice and the canonical full tensor, wherever a full tensor is needed: layout-independent
-initialisation (``engmoe.model.init``), gathering to full shape (``engmoe.parallel.gather``) and the
-checkpoint's global shapes (``engmoe.training.checkpoint``: the gate and up slices are two fragments of
-the one global ``[E, H, 2F]`` tensor, as megatron-core's ``apply_swiglu_sharded_factory`` does).
+Rank ``r`` holds gate and up columns ``[r·F/etp, (r+1)·F/etp)`` side by side in ``w13`` and the same rows of
+``w2``. ``ExpertTensorShard`` maps this slice to and from the canonical full tensor (init, gather,
+checkpoint fragments). Dispatch order and folding: docs/parallelism.md; checkpoint form: docs/DESIGN.md §5.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Chat rendering (ChatML + EngGPT2 reasoning controls), packing, the packed dataset files and reader, and
 the ``render-chat`` command.
 
-Expected strings are built from the format in DESIGN §1 / engmoe.data.chat, never pasted from a run.
+Expected strings are built from the format in docs/DESIGN.md §1 / engmoe.data.chat, never pasted from a run.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _turn(role: str, body: str) -> str:
 
 
 def _assistant_body(content: str, *, reasoning: str | None, lang: str = "en", turbo: bool = False) -> str:
-    """Assistant turn body per DESIGN §1 (what the model must produce, without the closing <|im_end|>)."""
+    """Assistant turn body per docs/DESIGN.md §1 (what the model must produce, without the closing <|im_end|>)."""
     if reasoning is None:
         return f"<think>\n\n</think>\n\n{content}"
     head = f"/reasoning_{lang}\n" + ("/turbo\n" if turbo else "")

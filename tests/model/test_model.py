@@ -14,7 +14,7 @@ def _tiny():
 
 def test_reference_parameter_counts_without_allocating():
     c = count_parameters(load_config(model="enggpt2-16b-a3b").model)
-    assert 15.6e9 < c.total < 15.8e9          # ≈15.7B (DESIGN §1)
+    assert 15.6e9 < c.total < 15.8e9          # ≈15.7B (docs/DESIGN.md §1)
     assert 3.0e9 < c.active < 3.25e9           # ≈3.1B in the report's rounding; 3.19B counting both embeddings
     one_expert = 3 * 2880 * 1080
     assert c.experts == 24 * 64 * one_expert

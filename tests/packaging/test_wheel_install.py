@@ -104,7 +104,7 @@ def test_installed_wheel_reads_its_presets_stages_and_templates(installed, tmp_p
     assert report["rc"] == [0, 0]
     for preset in ("enggpt2-16b-a3b", "proxy", "tiny"):
         assert f"{preset}:" in report["params"]
-    assert "15.73B" in report["params"]  # the reference preset's total parameters (README, DESIGN)
+    assert "15.73B" in report["params"]  # the reference preset's total parameters (docs/DESIGN.md §1)
     assert report["stage1"]["model"] == "enggpt2-16b-a3b" and report["stage1"]["train_steps"] == 75776
     assert report["stage1"]["blend"] == "stage1" and report["stage1"]["blend_datasets"] == 9
     assert Path(report["stage1"]["blend_file"]).resolve().is_relative_to(installed.resolve())
