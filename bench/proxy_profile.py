@@ -41,7 +41,8 @@ CATEGORIES = [
     ("dense GEMM", r"\bmm\b|addmm|bmm|matmul|linear|gemm|nvjet|sm90_xmma|cutlass|cublas"),
     ("nccl / p2p", r"nccl|all_reduce|allgather|all_gather|reduce_scatter"),
     ("casts / copies", r"copy_|to_copy|_to_copy|Memcpy|memcpy|cast|contiguous|clone"),
-    ("grad accumulation / elementwise", r"add_|add|mul|div|sub|where|fill|zero|masked|index|cat|stack|sum|mean|pow|rsqrt|silu|exp|neg"),
+    ("grad accumulation / elementwise",
+     r"add_|add|mul|div|sub|where|fill|zero|masked|index|cat|stack|sum|mean|pow|rsqrt|silu|exp|neg"),
 ]
 
 

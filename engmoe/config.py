@@ -245,7 +245,8 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    # Blend: a packaged name (engmoe/resources/data/<name>.yaml) or a blend YAML path; None on a machine without data means the built-in demo corpus.
+    # Blend: a packaged name (engmoe/resources/data/<name>.yaml) or a blend YAML path; None on a machine
+    # without data means the built-in demo corpus.
     blend: Optional[str] = None
     data_root: Optional[str] = None
     tokenizer: Optional[str] = None

@@ -10,8 +10,8 @@ gradient over them in place, since nothing else needs the logits after the loss.
 Tensor parallelism: each rank holds a vocabulary shard; the per-row (max, sum-exp, target logit) are
 combined over the tensor-parallel group (three all-reduces of N floats) into the global max and sum-exp, as
 megatron's vocab-parallel cross-entropy does; the backward's softmax is ``exp(x - max) / sum-exp`` (not
-``exp(x - lse)``, whose rounded lse would put ~1e-6 relative error on every probability in fp32). The kernels are ``engmoe.kernels.cuda_ops``
-(``csrc/moe_kernels.cu``); elsewhere the fp32 PyTorch reference runs the same algorithm.
+``exp(x - lse)``, whose rounded lse would put ~1e-6 relative error on every probability in fp32). The
+kernels are ``engmoe.kernels.cuda_ops`` (``csrc/moe_kernels.cu``); elsewhere the fp32 PyTorch reference runs the same algorithm.
 """
 from __future__ import annotations
 

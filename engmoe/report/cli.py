@@ -1,7 +1,6 @@
 """``engmoe report {compute, data, curves}`` (registered into the ``engmoe`` command by engmoe/cli.py)."""
 from __future__ import annotations
 
-
 from engmoe.io import write_text_atomic
 
 

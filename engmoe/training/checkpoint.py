@@ -10,9 +10,10 @@ Layout of a run directory::
 Every tensor is saved under its *global* name and global shape (layers by global number, experts by
 global id, tensor-parallel shards by offset; under expert tensor parallelism a rank's ``w13`` gate and up
 slices are two fragments of the canonical ``[E, H, 2F]``, its ``w2`` rows one of ``[E, F, H]``), so a
-checkpoint written under one parallel layout loads under another. The optimizer's Adam moments are saved with their parameter's sharding: a ZeRO-sharded
-optimizer first assembles each parameter's moments from the data-parallel shards (canonical form, as
-megatron's "fully reshardable" format does), so the data-parallel size and bucket layout may change too.
+checkpoint written under one parallel layout loads under another (format: docs/DESIGN.md §5). The
+optimizer's Adam moments are saved with their parameter's sharding: a ZeRO-sharded optimizer first
+assembles each parameter's moments from the data-parallel shards (canonical form, as megatron's "fully
+reshardable" format does), so the data-parallel size and bucket layout may change too.
 """
 from __future__ import annotations
 

@@ -33,8 +33,14 @@ from engmoe.parallel import grad_fusion
 from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
 from engmoe.training import checkpoint as ckpt
 from engmoe.training.data import TrainData, build_train_data, rank_microbatches
-from engmoe.training.metrics import (SpikeDetector, TensorBoard, device_peak_flops, expert_load_extremes,
-                                     format_line, mfu)
+from engmoe.training.metrics import (
+    SpikeDetector,
+    TensorBoard,
+    device_peak_flops,
+    expert_load_extremes,
+    format_line,
+    mfu,
+)
 from engmoe.training.optimizer import build_optimizer
 from engmoe.training.schedules import global_batch_at, lr_at, microbatches
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import pytest
 
+import pytest
 from datatrove.data import Document
 
 from engmoe.data_prep import copyright_filter as cf
@@ -93,7 +93,8 @@ def test_custom_blocklist_file_and_comments(tmp_path):
     ("# category: news\nlocalhost\n", r"domains.txt:2: 'localhost' is not a valid domain"),
     ("# category: news\nbad_domain.com\n", r"domains.txt:2: 'bad_domain.com' is not a valid domain"),
     ("# category: news\nwww.example.com\n", r"domains.txt:2: .*starts with www\..*'example.com'"),
-    ("# category: news\na.com\n# category: legal\na.com\n", r"domains.txt:4: duplicate domain 'a.com' \(first listed on line 2\)"),
+    ("# category: news\na.com\n# category: legal\na.com\n",
+     r"domains.txt:4: duplicate domain 'a.com' \(first listed on line 2\)"),
     ("# category: \na.com\n", r"domains.txt:1: malformed category header"),
     ("# only comments\n\n", r"domains.txt: no domains found"),
 ])

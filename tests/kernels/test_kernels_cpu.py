@@ -3,8 +3,7 @@ reference ops (the oracle every fast backend is tested against) match float64 lo
 import pytest
 import torch
 
-from engmoe.kernels import GemmPlan, available_backends, get_moe_kernels, reference
-from engmoe.kernels import cuda_ops, grouped
+from engmoe.kernels import GemmPlan, available_backends, cuda_ops, get_moe_kernels, grouped, reference
 
 # (tokens, experts, top_k, hidden, experts that receive no token): sizes that are multiples of nothing
 CASES = [(1, 3, 1, 5, ()), (7, 5, 2, 3, (2,)), (13, 6, 3, 9, (0, 5)), (29, 16, 8, 7, (1, 4, 9)), (31, 9, 9, 4, ())]

@@ -179,8 +179,9 @@ def test_flash_path_wiring_with_a_fake_flash_attn(monkeypatch):
             outs.append(ab.naive_attention(q[None, a:b], k[None, a:b], v[None, a:b], scale=softmax_scale)[0])
         return torch.cat(outs)
 
-    fake = types.SimpleNamespace(flash_attn_varlen_func=fake_varlen,
-                                 flash_attn_func=lambda q, k, v, causal, softmax_scale: ab.naive_attention(q, k, v, scale=softmax_scale))
+    fake = types.SimpleNamespace(
+        flash_attn_varlen_func=fake_varlen,
+        flash_attn_func=lambda q, k, v, causal, softmax_scale: ab.naive_attention(q, k, v, scale=softmax_scale))
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     q, k, v = (torch.randn(2, 6, h, 8, dtype=torch.float64) for h in (4, 2, 2))
     docs = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from engmoe.model import attention_backends as ab
+
 from test_packed_isolation import pack_documents  # tests/model is on sys.path (pytest rootdir-less import)
 
 pytestmark = pytest.mark.gpu
