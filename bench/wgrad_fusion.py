@@ -57,23 +57,23 @@ def dense(name: str, tokens: int, k_in: int, n_out: int, iters: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, k_in, device="cuda", generator=g).bfloat16()
     dy = torch.randn(tokens, n_out, device="cuda", generator=g).bfloat16() * 1e-2
-    main = torch.zeros(n_out, k_in, device="cuda")
+    acc = torch.zeros(n_out, k_in, device="cuda")
 
     def unfused():
-        main.add_(dy.t() @ x)
+        acc.add_(dy.t() @ x)
 
     def fused():
-        wgrad.accumulate_tn(main, dy, x)
+        wgrad.accumulate_tn(acc, dy, x)
 
     want = (dy.double().t() @ x.double())
     res = {"weight": name, "shape": [n_out, k_in], "tokens": tokens}
     for label, fn in (("unfused", unfused), ("fused", fused)):
-        main.zero_()
+        acc.zero_()
         fn()
-        res[f"{label}_err"] = _err(main, want)
+        res[f"{label}_err"] = _err(acc, want)
         res[f"{label}_ms"], res[f"{label}_host_ms"] = _time(fn, iters)
     res["speedup"] = res["unfused_ms"] / res["fused_ms"]
-    del main
+    acc = None  # free before empty_cache (rebinding, not del: the closures above read acc)
     torch.cuda.empty_cache()
     return res
 
@@ -85,23 +85,23 @@ def experts(name: str, experts_n: int, tokens: int, k_in: int, n_out: int, iters
     x = torch.randn(rows, k_in, device="cuda", generator=g).bfloat16()
     dy = torch.randn(rows, n_out, device="cuda", generator=g).bfloat16() * 1e-2
     offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
-    main = torch.zeros(experts_n, k_in, n_out, device="cuda")
+    acc = torch.zeros(experts_n, k_in, n_out, device="cuda")
     fp32_out = grouped_mm_fp32_out_usable()
 
     def unfused():
-        main.add_(torch._grouped_mm(x.t(), dy, offs=offs))
+        acc.add_(torch._grouped_mm(x.t(), dy, offs=offs))
 
     def loop():
-        wgrad.accumulate_tn(main, x, dy, counts)
+        wgrad.accumulate_tn(acc, x, dy, counts)
 
     rows_cpu = torch.tensor(counts)
     cpp = cuda_ops.grouped_wgrad_accum_available()
 
     def loop_cpp():
-        torch.ops.engmoe.grouped_wgrad_accum_(main, x, dy, rows_cpu)
+        torch.ops.engmoe.grouped_wgrad_accum_(acc, x, dy, rows_cpu)
 
     def grouped():
-        main.add_(torch._grouped_mm(x.t(), dy, offs=offs, out_dtype=torch.float32 if fp32_out else None))
+        acc.add_(torch._grouped_mm(x.t(), dy, offs=offs, out_dtype=torch.float32 if fp32_out else None))
 
     xs, dys = x.double().split(counts), dy.double().split(counts)
     want = torch.stack([a.t() @ b for a, b in zip(xs, dys)])
@@ -109,15 +109,15 @@ def experts(name: str, experts_n: int, tokens: int, k_in: int, n_out: int, iters
            "grouped_fp32_out": fp32_out}
     variants = [("unfused", unfused), ("loop", loop), ("grouped", grouped)] + ([("loop_cpp", loop_cpp)] if cpp else [])
     for label, fn in variants:
-        main.zero_()
+        acc.zero_()
         fn()
-        res[f"{label}_err"] = _err(main, want)
+        res[f"{label}_err"] = _err(acc, want)
         res[f"{label}_ms"], res[f"{label}_host_ms"] = _time(fn, iters)
     res["speedup_loop"] = res["unfused_ms"] / res["loop_ms"]
     res["speedup_grouped"] = res["unfused_ms"] / res["grouped_ms"]
     if cpp:
         res["speedup_loop_cpp"] = res["unfused_ms"] / res["loop_cpp_ms"]
-    del main, want
+    acc = want = None  # free before empty_cache (rebinding, not del: the closures above read acc)
     torch.cuda.empty_cache()
     return res
 
@@ -149,7 +149,7 @@ def main() -> int:
                   f"loop {r['loop_ms']:.3f} ms (x{r['speedup_loop']:.2f}, host {r['loop_host_ms']:.3f} ms)  "
                   f"grouped {r['grouped_ms']:.3f} ms (x{r['speedup_grouped']:.2f})  "
                   f"err unfused {r['unfused_err']:.1e} loop {r['loop_err']:.1e} grouped {r['grouped_err']:.1e}"
-                  + (f"  loop_cpp {r['loop_cpp_ms']:.3f} ms (host {r['loop_cpp_host_ms']:.3f} ms)" if cpp else ""),
+                  + (f"  loop_cpp {r['loop_cpp_ms']:.3f} ms (host {r['loop_cpp_host_ms']:.3f} ms)" if 'loop_cpp_ms' in r else ""),
                   flush=True)
     if args.out:
         out = Path(args.out)

@@ -26,10 +26,9 @@ import torch.distributed as dist
 
 from engmoe.config import Config, ConfigError
 from engmoe.model import build_model_chunks, count_parameters, model_flops_per_token
-from engmoe.parallel import initialize_parallel
+from engmoe.parallel import grad_fusion, initialize_parallel
 from engmoe.parallel.context import shard_batch
 from engmoe.parallel.cpu_compat import cuda_to_cpu
-from engmoe.parallel import grad_fusion
 from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
 from engmoe.training import checkpoint as ckpt
 from engmoe.training.data import TrainData, build_train_data, rank_microbatches
