@@ -177,6 +177,14 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     # Parameters per DDP gradient bucket; null = megatron's default max(4e7, 1e6·dp).
     ddp_bucket_size: Optional[int] = None
+    # Expert parallelism: split each MoE layer's tokens into `moe_a2a_chunks` chunks and pipeline them, so the
+    # all-to-alls of one chunk run (on NCCL's stream) while the experts compute another, forward and backward
+    # (engmoe.model.moe.dispatcher; README "Parallelism"). No effect without an all-to-all (ep1, etp1).
+    moe_a2a_overlap: bool = True
+    moe_a2a_chunks: int = 2
+    # ZeRO-1: launch each bucket's parameter all-gather right after the optimizer step and wait for it only in
+    # the next forward, just before the first module that uses the bucket (megatron DDP's overlap_param_gather).
+    overlap_param_gather: bool = True
 
     def validate(self, where: str = "parallel") -> None:
         for name in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
@@ -192,6 +200,7 @@ class ParallelConfig:
                "tensor-parallel rank (megatron-core refuses MoE with TP and without SP for the same reason)")
         _check(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, f"{where}.ddp_bucket_size",
                "must be >= 1 or null")
+        _check(self.moe_a2a_chunks >= 1, f"{where}.moe_a2a_chunks", f"must be >= 1, got {self.moe_a2a_chunks}")
 
     @property
     def virtual_stages(self) -> int:

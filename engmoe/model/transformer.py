@@ -47,7 +47,7 @@ def _normal_init(std: float):
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, layer_config, ep_size: int, ep_rank: int,
-                 device, dtype, ep_group=None, token_group=None):
+                 device, dtype, ep_group=None, token_group=None, a2a_chunks: int = 1):
         super().__init__()
         self.layer_number = layer_number
         std = cfg.init_std
@@ -56,7 +56,7 @@ class TransformerLayer(nn.Module):
         self.attention = SelfAttention(cfg, layer_config, _normal_init(std), _normal_init(out_std))
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = MoELayer(cfg.hidden_size, cfg.moe, ep_size=ep_size, ep_rank=ep_rank, device=device, dtype=dtype,
-                            ep_group=ep_group, token_group=token_group)
+                            ep_group=ep_group, token_group=token_group, a2a_chunks=a2a_chunks)
 
     def forward(self, x, rotary, doc_ids=None, cp_plan=None):
         x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan)
@@ -124,7 +124,8 @@ class EngMoEModel(nn.Module):
         n_local = cfg.num_layers if num_local_layers is None else num_local_layers
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, layer_offset + i, layer_config, parallel.expert, ep_rank, device, params_dtype,
-                             ep_group, token_group)
+                             ep_group, token_group,
+                             a2a_chunks=parallel.moe_a2a_chunks if parallel.moe_a2a_overlap else 1)
             for i in range(n_local))
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=params_dtype)

@@ -30,14 +30,20 @@ class GroupedExperts(nn.Module):
         # set by engmoe.parallel.grad_fusion once DDP has given the weights their fp32 main_grad buffers
         self.gradient_accumulation_fusion = False
 
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) in ``dtype``: fp32 weights under bf16 autocast run the GEMMs in the activations' dtype.
+        Cast once per layer call, not per all-to-all chunk."""
+        return self.w13.to(dtype), self.w2.to(dtype)
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, kernels: MoEKernels,
-                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                row_scale: torch.Tensor | None = None,
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``(swiglu(x @ w13[e]) · row_scale) @ w2[e]`` per expert block; ``row_scale`` is each row's routing
-        probability (fused into the activation kernel)."""
+        probability (fused into the activation kernel); ``weights``: from ``weights(x.dtype)``, cast already."""
         if (self.gradient_accumulation_fusion and kernels.name in grouped.ACCUMULATING_BACKENDS
                 and torch.is_grad_enabled() and x.dtype == self.w13.dtype
                 and wgrad.can_fuse(self.w13) and wgrad.can_fuse(self.w2)):
             # weight gradients added straight into the fp32 main_grad buffers (engmoe.kernels.wgrad)
             return grouped.grouped_mlp_accumulating(x, tokens_per_expert, self.w13, self.w2, row_scale, kernels)
-        # fp32 master weights under bf16 autocast: the GEMMs run in the activations' dtype
-        return kernels.grouped_mlp(x, tokens_per_expert, self.w13.to(x.dtype), self.w2.to(x.dtype), row_scale)
+        w13, w2 = weights if weights is not None else self.weights(x.dtype)
+        return kernels.grouped_mlp(x, tokens_per_expert, w13, w2, row_scale)

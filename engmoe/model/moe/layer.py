@@ -34,11 +34,13 @@ class AuxLossInjector(torch.autograd.Function):
 
 class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, moe: MoEConfig, ep_size: int = 1, ep_rank: int = 0,
-                 device=None, dtype=None, ep_group=None, token_group=None, etp_group="auto"):
+                 device=None, dtype=None, ep_group=None, token_group=None, etp_group="auto", a2a_chunks: int = 1):
         """``ep_group``: the expert-parallel process group (its size must be ``ep_size``); ``token_group``:
         the ranks that split each micro-batch's tokens (sequence × context parallel), for the aux loss;
         ``etp_group``: the expert-tensor-parallel group (each rank holds an F-slice of every local expert,
-        ``engmoe.parallel.expert_tensor``); by default megatron-core's, when it has more than one rank."""
+        ``engmoe.parallel.expert_tensor``); by default megatron-core's, when it has more than one rank;
+        ``a2a_chunks > 1``: the all-to-all overlapped with the experts in that many token chunks
+        (``parallel.moe_a2a_overlap``)."""
         super().__init__()
         from engmoe.config import ConfigError
         from engmoe.parallel.expert_tensor import ExpertTensorShard, expert_tensor_group
@@ -61,7 +63,8 @@ class MoELayer(nn.Module):
             p.expert_tensor_shard = ExpertTensorShard(etp_rank, etp, glu)  # type: ignore[attr-defined]
         if ep_size > 1 and ep_group is None:
             raise ValueError("MoELayer: ep_size > 1 needs the expert-parallel process group")
-        self.dispatcher = make_dispatcher(moe.num_experts, moe.top_k, ep_group if ep_size > 1 else None, etp_group)
+        self.dispatcher = make_dispatcher(moe.num_experts, moe.top_k, ep_group if ep_size > 1 else None, etp_group,
+                                          overlap_chunks=a2a_chunks)
         self.kernels = get_moe_kernels(moe.kernel_backend)
         self.aux_loss_scale = 1.0
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -85,9 +88,12 @@ class MoELayer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # grouped GEMMs are not autocast ops: dispatch and run the experts in the autocast dtype
             tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
-        permuted, tokens_per_expert, ctx = self.dispatcher.dispatch(tokens, routing, self.kernels)
-        expert_out = self.experts(permuted, tokens_per_expert, self.kernels, row_scale=ctx.row_scale)
-        out = self.dispatcher.combine(expert_out, ctx, self.kernels).view(shape).to(x.dtype)
+        weights = self.experts.weights(tokens.dtype)
+
+        def run_experts(rows, tokens_per_expert, row_scale):
+            return self.experts(rows, tokens_per_expert, self.kernels, row_scale=row_scale, weights=weights)
+
+        out = self.dispatcher.run(tokens, routing, self.kernels, run_experts).view(shape).to(x.dtype)
         self.last_stats = {  # whole micro-batch values (summed over the token group)
             "lb_loss": routing.lb_loss_total,
             "z_loss": routing.z_loss_total,
