@@ -5,7 +5,11 @@ Dense gradients reduce over data×context ranks, expert ones (``allreduce = Fals
 expert-data-parallel group; ``finalize_model_grads`` then sums the sequence-parallel replicas (norms,
 router). With ``gradient_accumulation_fusion`` the weight-gradient GEMMs add straight into DDP's fp32
 buffers (``engmoe.parallel.grad_fusion``), switched on here because the buffers exist only after wrapping.
-Group layout: docs/parallelism.md.
+Overlaps: the gradient reduction already overlaps the backward (DDP's hooks issue each bucket's
+reduce-scatter as soon as it is ready); with ``parallel.overlap_param_gather`` the ZeRO-1 parameter
+all-gather overlaps the next forward (``start_param_gather`` after the step, DDP's forward pre-hooks wait
+per bucket; anything else reading parameters first calls ``finish_param_gather``).
+Group layout and overlaps: docs/parallelism.md, README "Parallelism".
 """
 from __future__ import annotations
 
@@ -28,15 +32,53 @@ def wrap_data_parallel(models: list[nn.Module], parallel: ParallelConfig,
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=parallel.overlap_grad_reduce,
             use_distributed_optimizer=parallel.distributed_optimizer,
+            overlap_param_gather=parallel.distributed_optimizer and parallel.overlap_param_gather,
             bucket_size=parallel.ddp_bucket_size,
         )
         with cuda_to_cpu():
-            wrapped.append(DistributedDataParallel(model.config, ddp_config, model, disable_bucketing=i > 0))
+            ddp = DistributedDataParallel(model.config, ddp_config, model, disable_bucketing=i > 0)
+        # every bucket's all-gather is issued by the optimizer step (``start_param_gather``): the pre-hooks
+        # only wait, they do not chain the next bucket's dispatch (megatron's flag for exactly this)
+        ddp.overlap_param_gather_with_optimizer_step = ddp_config.overlap_param_gather
+        wrapped.append(ddp)
     if gradient_accumulation_fusion:
         from engmoe.parallel import grad_fusion
 
         grad_fusion.enable(wrapped)
     return wrapped
+
+
+def _bucket_groups(ddp_models: list[nn.Module]) -> list:
+    return [g for ddp in ddp_models for g in ddp.bucket_groups + ddp.expert_parallel_bucket_groups]
+
+
+def param_gather_overlapped(ddp_models: list[nn.Module]) -> bool:
+    """True when these DDP chunks gather their parameters asynchronously (ZeRO-1 + overlap_param_gather)."""
+    return bool(ddp_models) and ddp_models[0].ddp_config.overlap_param_gather
+
+
+def start_param_gather(ddp_models: list[nn.Module]) -> None:
+    """All-gather the updated parameter shards from their owners (ZeRO-1): asynchronously, every bucket at
+    once, when overlapped (waited in the next forward's pre-hooks or by ``finish_param_gather``), else
+    synchronously."""
+    overlapped = param_gather_overlapped(ddp_models)
+    if overlapped:
+        finish_param_gather(ddp_models)  # nothing of the previous step may still be in flight
+    for ddp in ddp_models:
+        if overlapped:
+            ddp.start_param_sync(force_dispatch=True)
+        else:
+            ddp.start_param_sync(force_sync=True)
+
+
+def finish_param_gather(ddp_models: list[nn.Module]) -> None:
+    """Wait for every parameter all-gather still in flight (before reading the parameters outside a forward:
+    checkpoint save, gathering full tensors). A no-op when nothing is outstanding."""
+    for group in _bucket_groups(ddp_models):
+        handle = getattr(group, "param_gather_handle", None)
+        if handle is not None:
+            handle.wait()
+            group.param_gather_handle = None
 
 
 def install_schedule_hooks(ddp_models: list[nn.Module]) -> None:

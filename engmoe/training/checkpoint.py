@@ -123,6 +123,8 @@ def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
             shutil.rmtree(final)
         tmp.mkdir()
     dist.barrier()
+    if optimizer is not None:
+        optimizer.finish_param_sync()  # the parameters are read below, outside a forward
     # bf16 parameters: the checkpoint holds the fp32 master weights (exact resume; same format as fp32 runs)
     masters = optimizer.full_masters() if optimizer is not None and optimizer.has_masters else None
     state = model_sharded_state_dict(models, masters)

@@ -8,7 +8,8 @@ structures — megatron's DDP buffers, buckets, shard layout and parameter all-g
 
 Sharding (``distributed=True``): megatron's DDP reduce-scatters each gradient bucket over its data-parallel
 group; the rank owning shard ``r`` of a bucket keeps the Adam moments of those elements only, updates the
-parameters there, and DDP's ``start_param_sync`` all-gathers the updated shards into every replica. Without
+parameters there, and DDP's ``start_param_sync`` all-gathers the updated shards into every replica (asynchronously
+under ``parallel.overlap_param_gather``: waited by the next forward, ``engmoe.parallel.data_parallel``). Without
 sharding each rank updates whole buckets (after DDP's all-reduce).
 
 The grad norm counts every element once: a sharded element on its owner only; a parameter that tensor
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engmoe.config import OptimizerConfig
+from engmoe.parallel.data_parallel import finish_param_gather, start_param_gather
 
 
 def is_expert(p: torch.nn.Parameter) -> bool:
@@ -173,9 +175,13 @@ class BucketAdamW:
         if self._has_masters:
             pairs = [(s.values, s.master) for s in self.segments if s.master is not s.values]
             torch._foreach_copy_([v for v, _ in pairs], [m for _, m in pairs])
-        if self.distributed:
-            for ddp in self.ddp_models:
-                ddp.start_param_sync(force_sync=True)
+        if self.distributed:  # overlapped with the next forward under parallel.overlap_param_gather
+            start_param_gather(self.ddp_models)
+
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers ``step`` left in flight (``parallel.overlap_param_gather``):
+        call before reading the parameters outside a forward pass."""
+        finish_param_gather(self.ddp_models)
 
     # -- checkpoint state in canonical (per-parameter, full-shape) form ----------------------------------
     def step_count(self) -> float:

@@ -323,6 +323,7 @@ class Trainer:
             if stop_now:
                 self.log(f"stopping at step {st.step} ({'SIGTERM' if self._stop_signal else '--exit-after'})")
                 break
+        self.optimizer.finish_param_sync()  # the caller may read the parameters (overlap_param_gather)
         self.log(f"done: step {st.step}, {st.total_flops:.3e} training FLOPs, {st.device_hours:.4f} device-hours")
         self.tb.close()
         return st

@@ -105,6 +105,7 @@ def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
         trainer.optimizer.clip = clip_and_capture
         first = trainer.train_step()
         trainer.optimizer.clip = clip
+        trainer.optimizer.finish_param_sync()  # overlap_param_gather: read the parameters outside a forward
         counts = torch.stack([m.last_stats["tokens_per_expert"] for m in trainer.moe_layers()])
         # weights whose gradient went straight into main_grad (gradient-accumulation fusion) on this rank
         record["fused_weights"] = sum(bool(getattr(p, "grad_added_to_main_grad", False))
@@ -118,6 +119,7 @@ def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
         if "save" in job:
             trainer.save()
     second = trainer.train_step()
+    trainer.optimizer.finish_param_sync()
     losses.append(second["lm_loss"])
     record["params2"], diff = gather_full(trainer.models)
     record.update(loss=losses, replica_diff=max(replica, diff))

@@ -39,6 +39,7 @@ def test_bucket_adamw_matches_torch_adamw(single_rank):
             p.grad.mul_(opt_cfg.clip_grad / (ref_norm + 1e-6))
         ours.clip(opt_cfg.clip_grad, norm)
         ours.step()
+        ours.finish_param_sync()  # parallel.overlap_param_gather: the all-gather may still be in flight
         theirs.step()
         for (name, a), b in zip(model.named_parameters(), plain.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
