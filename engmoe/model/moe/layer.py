@@ -88,10 +88,10 @@ class MoELayer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # grouped GEMMs are not autocast ops: dispatch and run the experts in the autocast dtype
             tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
-        weights = self.experts.weights(tokens.dtype)
+        cast_cache: dict = {}  # the weights cast once for all all-to-all chunks of this call
 
         def run_experts(rows, tokens_per_expert, row_scale):
-            return self.experts(rows, tokens_per_expert, self.kernels, row_scale=row_scale, weights=weights)
+            return self.experts(rows, tokens_per_expert, self.kernels, row_scale=row_scale, cast_cache=cast_cache)
 
         out = self.dispatcher.run(tokens, routing, self.kernels, run_experts).view(shape).to(x.dtype)
         self.last_stats = {  # whole micro-batch values (summed over the token group)
