@@ -24,15 +24,20 @@ def wrap_data_parallel(models: list[nn.Module], parallel: ParallelConfig,
     """Wrap every model chunk in megatron's DDP (chunks after the first unbucketed, as megatron does); with
     ``gradient_accumulation_fusion`` (resolved: ``engmoe.parallel.grad_fusion.resolve``) the weight
     gradients then accumulate into DDP's fp32 ``main_grad`` inside their GEMMs."""
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    # nothing to overlap where no bucket is sharded (one data-parallel rank for dense and expert parameters):
+    # the forward pre-hooks would be pure overhead
+    sharded = max(ps.get_data_parallel_world_size(with_context_parallel=True),
+                  ps.get_expert_data_parallel_world_size()) > 1
     wrapped = []
     for i, model in enumerate(models):
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=parallel.overlap_grad_reduce,
             use_distributed_optimizer=parallel.distributed_optimizer,
-            overlap_param_gather=parallel.distributed_optimizer and parallel.overlap_param_gather,
+            overlap_param_gather=parallel.distributed_optimizer and parallel.overlap_param_gather and sharded,
             bucket_size=parallel.ddp_bucket_size,
         )
         with cuda_to_cpu():
