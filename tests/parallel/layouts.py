@@ -1,6 +1,8 @@
 """The layouts the equivalence runs cover (shared by the CPU tests and the GPU script in bench/).
 
-Each job is a ``parallel.*`` override set run by ``equivalence_worker.py``; ``save`` writes a checkpoint
+The all-to-all overlap (``parallel.moe_a2a_overlap``, 2 token chunks; 3 in dp4_ep2) and the ZeRO parameter
+all-gather overlap are on by default, so every expert-parallel layout runs the overlapped paths;
+``ep2_dp2_sync`` runs with both off. Each job is a ``parallel.*`` override set run by ``equivalence_worker.py``; ``save`` writes a checkpoint
 after step 1, ``load`` starts from one written under another layout. World 4 runs before world 2 so
 world 2 can load world 4's checkpoint. Where dp is not written it is what is left: world / (tp·pp·cp).
 """
@@ -20,7 +22,7 @@ WORLD4 = [
     # experts folded over context × data ranks
     {"name": "cp2_ep2_dp2", "parallel": {"context": 2, "expert": 2}},
     # expert-data-parallel size 2: expert gradients reduced over their own group; small buckets
-    {"name": "dp4_ep2", "parallel": {"expert": 2, "ddp_bucket_size": 30000}},
+    {"name": "dp4_ep2", "parallel": {"expert": 2, "ddp_bucket_size": 30000, "moe_a2a_chunks": 3}},
     {"name": "tp2_pp2v2", "parallel": {"tensor": 2, **SP, "pipeline": 2, "virtual_pipeline": 2}},
     # fusion under pipeline × expert parallelism with ZeRO, and under sequence-parallel TP with virtual stages
     {"name": "pp2_ep2_dp2_gaf", "parallel": {"pipeline": 2, "expert": 2}, "overrides": GAF},
@@ -42,6 +44,9 @@ WORLD2 = [
     {"name": "pp2_uneven", "parallel": {"pipeline": 2, "pipeline_layers": [1, 3]}},
     {"name": "pp2v2", "parallel": {"pipeline": 2, "virtual_pipeline": 2}},
     {"name": "ep2_dp2", "parallel": {"expert": 2}},
+    # the overlaps off (parallel.moe_a2a_overlap and overlap_param_gather default on in every other layout):
+    # the one-shot synchronous all-to-all and ZeRO's synchronous parameter all-gather
+    {"name": "ep2_dp2_sync", "parallel": {"expert": 2, "moe_a2a_overlap": False, "overlap_param_gather": False}},
     {"name": "cp2", "parallel": {"context": 2}},
     {"name": "dp2_zero", "parallel": {"distributed_optimizer": True, "ddp_bucket_size": 30000}},
     {"name": "dp2_plain", "parallel": {"distributed_optimizer": False, "overlap_grad_reduce": False}},

@@ -93,6 +93,7 @@ def test_aux_loss_shares_sum_to_the_whole_micro_batch_loss():
     (["model.num_kv_heads=4", "parallel.tensor=4", "parallel.sequence_parallel=true", "parallel.context=2",
       "data.seq_len=36"], "data.seq_len"),                                      # 36/cp = 18 tokens: not /tp
     (["parallel.pipeline=2", "model.tie_embeddings=true"], "model.tie_embeddings"),
+    (["parallel.moe_a2a_chunks=0"], "parallel.moe_a2a_chunks"),
 ])
 def test_layout_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
