@@ -1,10 +1,12 @@
 """The layouts the equivalence runs cover (shared by the CPU tests and the GPU script in bench/).
 
-The all-to-all overlap (``parallel.moe_a2a_overlap``, 2 token chunks; 3 in dp4_ep2) and the ZeRO parameter
-all-gather overlap are on by default, so every expert-parallel layout runs the overlapped paths;
-``ep2_dp2_sync`` runs with both off. Each job is a ``parallel.*`` override set run by ``equivalence_worker.py``; ``save`` writes a checkpoint
+Each job is a ``parallel.*`` override set run by ``equivalence_worker.py``; ``save`` writes a checkpoint
 after step 1, ``load`` starts from one written under another layout. World 4 runs before world 2 so
 world 2 can load world 4's checkpoint. Where dp is not written it is what is left: world / (tp·pp·cp).
+
+The all-to-all overlap (``parallel.moe_a2a_overlap``, 2 token chunks; 3 in dp4_ep2) and the ZeRO parameter
+all-gather overlap are on by default, so every expert-parallel layout runs the overlapped paths;
+``ep2_dp2_sync`` runs with both off.
 """
 from __future__ import annotations
 
