@@ -34,6 +34,9 @@ math per token is unchanged (a token's rows go to the same experts; only the gro
 stays exposed per layer: the count exchange and its host sync, the first chunk's dispatch and the last chunk's
 combine (and their reverse in the backward), and under expert tensor parallelism the ETP all-gather /
 reduce-scatter (synchronous). On gloo (CPU tests) the same code runs; the collectives are then simply waited.
+Not done here: megatron's cross-micro-batch overlap (``overlap_moe_expert_parallel_comm``: one micro-batch's
+forward interleaved with another's backward, hiding also the exposed first/last chunk) needs a schedule hook in
+the trainer — a larger change; DeepEP-style kernels need NVSHMEM, which our machines lack (README "Parallelism").
 """
 
 from __future__ import annotations
