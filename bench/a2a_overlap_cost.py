@@ -1,6 +1,7 @@
 """Compute cost of the chunked all-to-all path (``parallel.moe_a2a_overlap``) on one GPU, without communication.
 
-One MoE layer at EngGPT2 dimensions (bf16, the best kernel backend available: ours where engmoe._C is built), forward + backward, with:
+One MoE layer at EngGPT2 dimensions (bf16, the best kernel backend available: ours where engmoe._C is
+built), forward + backward, with:
 ``local`` (the ep1 dispatcher), ``a2a_c1`` (the all-to-all dispatcher's one-shot path over no group) and
 ``a2a_cN`` (the chunked path, N token chunks, over no group). The chunked path's communication overlap only
 exists with ep > 1; what one GPU shows is what the chunking itself costs (smaller grouped GEMMs, one sort for

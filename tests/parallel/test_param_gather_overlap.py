@@ -26,13 +26,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, str(HERE))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from equivalence_worker import GLOBAL_BATCH, SEQ, VOCAB, PackedBatches, make_config
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
     from engmoe.parallel import destroy_parallel, init_distributed
     from engmoe.parallel.gather import gather_full
     from engmoe.training.data import TrainData
     from engmoe.training.trainer import Trainer
+
+    from equivalence_worker import GLOBAL_BATCH, SEQ, VOCAB, PackedBatches, make_config
 
     init_distributed("gloo")
     waited_by_hooks = [0]

@@ -299,8 +299,10 @@ class AllToAllDispatcher:
 
     def _run_chunked(self, x: torch.Tensor, routing: RoutingResult, kernels: MoEKernels,
                      experts: ExpertsFn) -> torch.Tensor:
-        from megatron.core.tensor_parallel import (gather_from_sequence_parallel_region,
-                                                   reduce_scatter_to_sequence_parallel_region)
+        from megatron.core.tensor_parallel import (
+            gather_from_sequence_parallel_region,
+            reduce_scatter_to_sequence_parallel_region,
+        )
 
         num_tokens, E, ep, local, etp = x.shape[0], self.num_experts, self.ep, self.local, self.etp
         C = max(1, min(self.chunks, num_tokens))
