@@ -73,6 +73,13 @@ class MoEConfig:
     router_fp32: bool = True
     # Kernel backend for the grouped-expert path: auto | reference | torch | cuda | grouped_gemm.
     kernel_backend: str = "auto"
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the top-k choice only,
+    # moved by rate·sign(mean load − load) after every optimizer step (engmoe.model.moe.balancing). 0 = off.
+    expert_bias_update_rate: float = 0.0
+    # Token fractions f_i of the load-balancing loss: per micro-batch (Switch/GShard) or over the global
+    # batch seen so far in the step (all data-parallel ranks, accumulated over micro-batches; megatron's
+    # global_aux_loss). Exact definition: engmoe.model.moe.router.load_balancing_loss / README.
+    lb_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
 
     def validate(self, where: str) -> None:
         _check(self.num_experts >= 1, f"{where}.num_experts", f"must be >= 1, got {self.num_experts}")
@@ -83,6 +90,8 @@ class MoEConfig:
                "must be >= 0")
         _check(self.kernel_backend in KERNEL_BACKENDS, f"{where}.kernel_backend",
                f"must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        _check(math.isfinite(self.expert_bias_update_rate) and self.expert_bias_update_rate >= 0,
+               f"{where}.expert_bias_update_rate", f"must be >= 0 (0 = off), got {self.expert_bias_update_rate}")
 
 
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm")

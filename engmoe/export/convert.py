@@ -62,6 +62,12 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
 def layer_to_hf(arch: str, i: int, t: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """One layer's engmoe tensors (names relative to ``layers.{i}.``) → HF names and tensors."""
     p = _layer_prefix(i)
+    bias = t.get("mlp.router.expert_bias")
+    if bias is not None and bool(bias.any()):
+        raise ValueError(f"layers.{i}.mlp.router.expert_bias is non-zero (max |bias| {bias.abs().max().item():.3g}, "
+                         f"from model.moe.expert_bias_update_rate): {arch} has no router bias and it cannot be folded "
+                         "into the router weight (it moves only which experts are chosen, not their weights); "
+                         "export refused")
     q, k, v = split_qkv(t["attention.linear_qkv.weight"], cfg)
     out = {p + "input_layernorm.weight": t["input_norm.weight"],
            p + "post_attention_layernorm.weight": t["post_attention_norm.weight"],

@@ -21,7 +21,7 @@ Op contract (all backends)::
     unpermute(y, slot_to_row, probs, top_k=None)-> Σ_j probs[t,j] · y[row(t,j)]         [T, H]   (probs None: plain sum)
     swiglu(h, row_scale=None)                   -> silu(gate) · up (· row_scale)
     grouped_mlp(x, counts, w13, w2, row_scale=None) -> (swiglu(x @ w13[e]) · row_scale) @ w2[e]
-    router_topk(logits, k, normalize)           -> probs, topk_probs, topk_idx
+    router_topk(logits, k, normalize, bias=None)-> probs, topk_probs, topk_idx   (bias: choice only)
     router_logits(x, w)                         -> fp32 logits x @ wᵀ
 """
 from __future__ import annotations

@@ -256,11 +256,13 @@ def swiglu(gate_up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torc
     return reference.swiglu(gate_up, row_scale)
 
 
-def router_topk(logits: torch.Tensor, top_k: int, normalize: bool):
-    """(probs, topk_probs, topk_idx) of a softmax router in one kernel (fp32 math whatever the logits)."""
-    if _fast(logits) and logits.dim() == 2 and logits.shape[-1] <= MAX_ROUTER_EXPERTS:
+def router_topk(logits: torch.Tensor, top_k: int, normalize: bool, bias: torch.Tensor | None = None):
+    """(probs, topk_probs, topk_idx) of a softmax router in one kernel (fp32 math whatever the logits).
+    With an expert ``bias`` (aux-loss-free balancing: it moves the choice, not the weights) the reference
+    ops run instead: the fused kernel has no bias input."""
+    if bias is None and _fast(logits) and logits.dim() == 2 and logits.shape[-1] <= MAX_ROUTER_EXPERTS:
         return torch.ops.engmoe.topk_softmax(logits, top_k, normalize)
-    return reference.router_topk(logits, top_k, normalize)
+    return reference.router_topk(logits, top_k, normalize, bias)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -103,10 +103,18 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.to(acc) @ weight.to(acc).t()
 
 
-def router_topk(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """softmax over experts (in at least fp32) → top-k (→ renormalised top-k): ``(probs, topk_probs, topk_idx)``."""
+def router_topk(logits: torch.Tensor, top_k: int, normalize: bool, bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax over experts (in at least fp32) → top-k (→ renormalised top-k): ``(probs, topk_probs, topk_idx)``.
+
+    ``bias`` ``[E]`` (aux-loss-free balancing) shifts the scores for the choice only: the experts are the
+    top-k of ``probs + bias``, their combine weights the unbiased ``probs``."""
     probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    topk_probs, topk_idx = torch.topk(probs, top_k, dim=-1)
+    if bias is None:
+        topk_probs, topk_idx = torch.topk(probs, top_k, dim=-1)
+    else:
+        topk_idx = torch.topk(probs.detach() + bias.to(probs.dtype), top_k, dim=-1).indices
+        topk_probs = probs.gather(-1, topk_idx)
     if normalize:
         topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
     return probs, topk_probs, topk_idx

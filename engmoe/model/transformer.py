@@ -47,7 +47,7 @@ def _normal_init(std: float):
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, layer_config, ep_size: int, ep_rank: int,
-                 device, dtype, ep_group=None, token_group=None, a2a_chunks: int = 1):
+                 device, dtype, ep_group=None, token_group=None, a2a_chunks: int = 1, batch_group=None):
         super().__init__()
         self.layer_number = layer_number
         std = cfg.init_std
@@ -56,7 +56,8 @@ class TransformerLayer(nn.Module):
         self.attention = SelfAttention(cfg, layer_config, _normal_init(std), _normal_init(out_std))
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = MoELayer(cfg.hidden_size, cfg.moe, ep_size=ep_size, ep_rank=ep_rank, device=device, dtype=dtype,
-                            ep_group=ep_group, token_group=token_group, a2a_chunks=a2a_chunks)
+                            ep_group=ep_group, token_group=token_group, a2a_chunks=a2a_chunks,
+                            batch_group=batch_group)
 
     def forward(self, x, rotary, doc_ids=None, cp_plan=None):
         x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan)
@@ -87,6 +88,7 @@ class EngMoEModel(nn.Module):
         from megatron.core import tensor_parallel
 
         from engmoe.parallel import megatron_layer_config
+        from engmoe.parallel import state as parallel_groups
 
         parallel = parallel or ParallelConfig()
         device = torch.device(device) if device is not None else (
@@ -110,6 +112,7 @@ class EngMoEModel(nn.Module):
         # the ranks that split a micro-batch's tokens (sequence parallel × context parallel)
         token_group = ps.get_tensor_and_context_parallel_group() if parallel.tensor * parallel.context > 1 else None
         self.cp_group = ps.get_context_parallel_group() if parallel.context > 1 else None
+        batch_group = parallel_groups.batch_group() if cfg.moe.lb_scope == "global_batch" else None
         # megatron's finalize_model_grads asks: tied weights never span pipeline stages here
         self.share_embeddings_and_output_weights = False
 
@@ -125,7 +128,8 @@ class EngMoEModel(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, layer_offset + i, layer_config, parallel.expert, ep_rank, device, params_dtype,
                              ep_group, token_group,
-                             a2a_chunks=parallel.moe_a2a_chunks if parallel.moe_a2a_overlap else 1)
+                             a2a_chunks=parallel.moe_a2a_chunks if parallel.moe_a2a_overlap else 1,
+                             batch_group=batch_group)
             for i in range(n_local))
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=params_dtype)

@@ -145,6 +145,26 @@ def token_group():
     return ps.get_tensor_and_context_parallel_group()
 
 
+def batch_group():
+    """The ranks of one pipeline stage that hold the global batch between them: tensor × data × context.
+
+    The global-batch load-balancing loss sums each micro-batch's expert counts over this group (megatron's
+    ``tp_dp_cp`` group); None when it is one rank."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def replica_group():
+    """The data-parallel ranks of a stage without the context-parallel ones: after the token group's sum
+    (tensor × context) a sum over this group covers every token of the step. None when it is one rank."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group(with_context_parallel=False)
+    return group if dist.get_world_size(group) > 1 else None
+
+
 def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, device: torch.device,
                           model=None):
     """The megatron config that its tensor-parallel layers and pipeline schedules read.

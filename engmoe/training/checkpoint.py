@@ -81,6 +81,18 @@ def model_sharded_state_dict(models: list[EngMoEModel], weights: Optional[dict] 
     return out
 
 
+def buffer_sharded_state_dict(models: list[EngMoEModel], only: Optional[set] = None) -> dict:
+    """The model's checkpointed buffers (the routers' aux-loss-free ``expert_bias``: identical on every rank
+    of a stage, stored like a replicated parameter) by global name; ``only``: these keys."""
+    out = {}
+    for m in models:
+        for name, b in m.named_buffers():
+            key = f"model.{canonical_name(m, name)}"
+            if name.endswith("expert_bias") and (only is None or key in only):
+                out.update(_sharded_tensors(key, b, b))
+    return out
+
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -128,6 +140,7 @@ def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
     # bf16 parameters: the checkpoint holds the fp32 master weights (exact resume; same format as fp32 runs)
     masters = optimizer.full_masters() if optimizer is not None and optimizer.has_masters else None
     state = model_sharded_state_dict(models, masters)
+    state.update(buffer_sharded_state_dict(models))
     if optimizer is not None:
         state.update(optimizer_sharded_state_dict(models, optimizer.full_moments()))
         state["optimizer_step"] = optimizer.step_count()
@@ -173,6 +186,10 @@ def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Opti
     buffers = {p: p.data if p.dtype == torch.float32 else torch.empty(p.shape, dtype=torch.float32)
                for m in models for p in m.parameters()}
     request = model_sharded_state_dict(models, buffers)
+    # checkpoints from before the expert bias existed have none: those routers keep their zero bias
+    stored = set(dist_checkpointing.load_tensors_metadata(str(ckpt)))
+    bias_request = buffer_sharded_state_dict(models, only=stored)
+    request.update(bias_request)
     if optimizer is not None and load_moments:
         placeholders = {p: {moment: torch.empty(p.shape, dtype=torch.float32) for moment in MOMENTS}
                         for m in models for p in m.parameters()}
@@ -184,6 +201,11 @@ def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Opti
     with torch.no_grad():
         for p, w in weights.items():
             p.copy_(w)
+        for m in models:
+            for name, b in m.named_buffers():
+                key = f"model.{canonical_name(m, name)}"
+                if key in bias_request:
+                    b.copy_(loaded[key])
     if optimizer is not None and optimizer.has_masters:
         optimizer.load_full_masters(weights)
     if optimizer is not None and load_moments:

@@ -26,7 +26,9 @@ import torch.distributed as dist
 
 from engmoe.config import Config, ConfigError
 from engmoe.model import build_model_chunks, count_parameters, model_flops_per_token
+from engmoe.model.moe.balancing import update_expert_biases
 from engmoe.parallel import grad_fusion, initialize_parallel
+from engmoe.parallel.state import replica_group
 from engmoe.parallel.context import shard_batch
 from engmoe.parallel.cpu_compat import cuda_to_cpu
 from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
@@ -226,6 +228,8 @@ class Trainer:
         if finite:
             self.optimizer.clip(cfg.optimizer.clip_grad, norm)
             self.optimizer.step()
+            if cfg.model.moe.expert_bias_update_rate > 0:  # aux-loss-free balancing: one all-reduce per step
+                update_expert_biases(self.moe_layers(), cfg.model.moe.expert_bias_update_rate, replica_group())
         else:
             st.skipped_steps += 1
             self.log(f"step {st.step + 1}: non-finite {'loss' if not math.isfinite(lm) else 'grad norm'} "

@@ -34,13 +34,15 @@ class AuxLossInjector(torch.autograd.Function):
 
 class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, moe: MoEConfig, ep_size: int = 1, ep_rank: int = 0,
-                 device=None, dtype=None, ep_group=None, token_group=None, etp_group="auto", a2a_chunks: int = 1):
+                 device=None, dtype=None, ep_group=None, token_group=None, etp_group="auto", a2a_chunks: int = 1,
+                 batch_group=None):
         """``ep_group``: the expert-parallel process group (its size must be ``ep_size``); ``token_group``:
         the ranks that split each micro-batch's tokens (sequence × context parallel), for the aux loss;
         ``etp_group``: the expert-tensor-parallel group (each rank holds an F-slice of every local expert,
         ``engmoe.parallel.expert_tensor``); by default megatron-core's, when it has more than one rank;
         ``a2a_chunks > 1``: the all-to-all overlapped with the experts in that many token chunks
-        (``parallel.moe_a2a_overlap``)."""
+        (``parallel.moe_a2a_overlap``); ``batch_group``: the ranks holding the global batch (tensor × data ×
+        context), for the global-batch load-balancing loss."""
         super().__init__()
         from engmoe.config import ConfigError
         from engmoe.parallel.expert_tensor import ExpertTensorShard, expert_tensor_group
@@ -56,7 +58,8 @@ class MoELayer(nn.Module):
                               f"{moe.expert_intermediate_size}")
         self.moe = moe
         local = moe.num_experts // ep_size
-        self.router = TopKRouter(hidden_size, moe, device=device, dtype=dtype, token_group=token_group)
+        self.router = TopKRouter(hidden_size, moe, device=device, dtype=dtype, token_group=token_group,
+                                 batch_group=batch_group)
         self.experts = GroupedExperts(local, ep_rank * local, moe.num_experts, hidden_size,
                                       moe.expert_intermediate_size // etp, device=device, dtype=dtype)
         for p, glu in ((self.experts.w13, True), (self.experts.w2, False)):
@@ -74,6 +77,8 @@ class MoELayer(nn.Module):
         """Start accumulating statistics anew (the trainer does this once per optimizer step)."""
         self.stats_sum: dict[str, torch.Tensor] = {}
         self.stats_count = 0
+        if hasattr(self, "router"):
+            self.router.reset_global_counts()
 
     def mean_stats(self) -> dict[str, torch.Tensor]:
         """Per-micro-batch mean of the statistics since ``reset_stats`` (layout-independent, unlike the last

@@ -34,16 +34,19 @@ class RoutingResult:
 
 
 def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int,
-                        total_tokens: Optional[int] = None) -> torch.Tensor:
+                        total_tokens: Optional[int] = None, counted_tokens: Optional[int] = None) -> torch.Tensor:
     """Switch/GShard form ``E · Σ_i f_i · P_i`` with ``f_i`` the fraction of routed (token, slot) pairs
     sent to expert i and ``P_i`` the mean router probability of expert i. Equals 1 when uniform.
     Gradient flows through ``P`` only (``f`` comes from a discrete top-k).
 
     With ``total_tokens`` (the token group's count) and ``tokens_per_expert`` summed over the group,
-    ``probs`` holds only this rank's tokens and the result is this rank's additive share."""
+    ``probs`` holds only this rank's tokens and the result is this rank's additive share.
+    ``counted_tokens``: the tokens ``tokens_per_expert`` was counted over when that is not ``total_tokens``
+    (the global-batch scope: counts of every micro-batch slice seen so far, ``f_i = c_i / (k · counted)``)."""
     num_tokens, num_experts = probs.shape
     total = num_tokens if total_tokens is None else total_tokens
-    f = tokens_per_expert.to(probs.dtype) / (total * top_k)
+    counted = total if counted_tokens is None else counted_tokens
+    f = tokens_per_expert.to(probs.dtype) / (counted * top_k)
     p = probs.sum(0) / total
     return num_experts * torch.sum(f * p)
 
@@ -67,11 +70,24 @@ def _group_sum(t: torch.Tensor, group) -> torch.Tensor:
 class TopKRouter(nn.Module):
     """linear → softmax over all experts → top-k (→ optional renormalisation of the k probabilities)."""
 
-    def __init__(self, hidden_size: int, moe: MoEConfig, device=None, dtype=None, token_group=None):
+    def __init__(self, hidden_size: int, moe: MoEConfig, device=None, dtype=None, token_group=None,
+                 batch_group=None):
+        """``batch_group``: the ranks holding the global batch between them (tensor × data × context), for
+        ``moe.lb_scope = global_batch``."""
         super().__init__()
         self.moe = moe
         self.token_group = token_group  # ranks sharing this micro-batch's tokens (None: this rank alone)
+        self.batch_group = batch_group
         self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden_size, device=device, dtype=dtype))
+        # aux-loss-free balancing: added to the scores for the top-k choice only; a buffer (no gradient), fp32
+        # whatever the parameters, moved after each optimizer step (engmoe.model.moe.balancing); checkpointed
+        self.register_buffer("expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32, device=device))
+        self.reset_global_counts()
+
+    def reset_global_counts(self) -> None:
+        """Start a new global batch for ``lb_scope = global_batch`` (the trainer calls it every step)."""
+        self._global_counts: Optional[torch.Tensor] = None  # [E] on device: no host sync per micro-batch
+        self._global_tokens = 0
 
     def forward(self, x: torch.Tensor, kernels: Optional[MoEKernels] = None) -> RoutingResult:
         """x: ``[T, H]``; ``kernels``: the layer's backend (fused logits and softmax/top-k where it has them)."""
@@ -83,15 +99,32 @@ class TopKRouter(nn.Module):
         else:
             acc = torch.promote_types(x.dtype, torch.float32) if moe.router_fp32 else x.dtype
             logits = x.to(acc) @ self.weight.to(acc).t()
-        probs, topk_probs, topk_idx = kernels.router_topk(logits, moe.top_k, moe.normalize_topk)
-        tokens_per_expert = _group_sum(torch.bincount(topk_idx.reshape(-1), minlength=moe.num_experts),
-                                       self.token_group)
+        bias = self.expert_bias if moe.expert_bias_update_rate > 0 else None
+        probs, topk_probs, topk_idx = kernels.router_topk(logits, moe.top_k, moe.normalize_topk, bias=bias)
+        local_counts = torch.bincount(topk_idx.reshape(-1), minlength=moe.num_experts)
+        tokens_per_expert = _group_sum(local_counts, self.token_group)
         # sequence and context parallelism split a micro-batch evenly: no count to exchange (no host sync)
         group_size = dist.get_world_size(self.token_group) if self.token_group is not None else 1
         total = x.shape[0] * group_size
-        lb = load_balancing_loss(probs, tokens_per_expert, moe.top_k, total)
+        if moe.lb_scope == "global_batch" and self.training and torch.is_grad_enabled():
+            lb = self._global_batch_lb(probs, local_counts, total)
+        else:
+            lb = load_balancing_loss(probs, tokens_per_expert, moe.top_k, total)
         zl = z_loss(logits.to(probs.dtype), total) if moe.z_loss_coeff > 0 else probs.new_zeros(())
         aux = moe.aux_loss_coeff * lb + moe.z_loss_coeff * zl
         # this rank's shares carry the gradient; the logged values are the group's sums
         logged = _group_sum(torch.stack([lb, zl, aux]).detach(), self.token_group)
         return RoutingResult(topk_idx, topk_probs, tokens_per_expert, lb, zl, aux, *logged.unbind())
+
+    def _global_batch_lb(self, probs: torch.Tensor, local_counts: torch.Tensor, total: int) -> torch.Tensor:
+        """This rank's share of the global-batch load-balancing loss of micro-batch m (README, "MoE balancing"):
+        ``E · Σ_i F_i · P_i`` with ``F_i = Σ_{m'≤m} C_i(m') / (k · Σ_{m'≤m} T(m'))``, ``C(m')`` the expert counts
+        of micro-batch m' summed over every rank of the batch group (all data-parallel replicas' slices of the
+        global batch) and ``T(m')`` its tokens; ``P_i`` is this rank's probability mass over its token group's
+        count, as in the micro-batch scope, so DDP's mean over data-parallel ranks gives the slice's mean
+        probability. At the last micro-batch ``F`` is the fraction over the whole global batch."""
+        counts = _group_sum(local_counts, self.batch_group)
+        batch_ranks = dist.get_world_size(self.batch_group) if self.batch_group is not None else 1
+        self._global_counts = counts if self._global_counts is None else self._global_counts + counts
+        self._global_tokens += probs.shape[0] * batch_ranks
+        return load_balancing_loss(probs, self._global_counts, self.moe.top_k, total, self._global_tokens)
