@@ -182,3 +182,27 @@ def test_export_from_any_parallel_layout(tiny_checkpoints, tmp_path):
         assert set(exported) == set(reference), layout
         bad = [n for n in reference if not torch.equal(exported[n], reference[n])]
         assert not bad, f"{layout}: {bad[:5]}"
+
+
+def test_export_refuses_a_nonzero_expert_bias(demo_tokenizer, tmp_path):
+    """Aux-loss-free balancing's router bias moves only the expert choice: Qwen2-MoE/Mixtral cannot hold it
+    and no weight can absorb it, so the export refuses (a zero bias exports as usual)."""
+    from dataclasses import asdict
+
+    from engmoe_tiny_runs import build_reference, tiny_config
+
+    from engmoe.training.checkpoint import save_checkpoint
+    from engmoe.training.trainer import TrainState
+
+    run = tmp_path / "biased"
+    cfg = tiny_config(run, [f"data.tokenizer={demo_tokenizer}", "model.moe.expert_bias_update_rate=1e-3"])
+    model = build_reference(cfg)
+    model.layers[1].mlp.router.expert_bias[2] = 3e-3
+    save_checkpoint(run, 1, [model], None, {"trainer": asdict(TrainState(step=1, stage=cfg.stage.name))}, cfg)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.router\.expert_bias is non-zero.*cannot be folded"):
+        _export(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    model.layers[1].mlp.router.expert_bias.zero_()
+    save_checkpoint(run, 2, [model], None, {"trainer": asdict(TrainState(step=2, stage=cfg.stage.name))}, cfg)
+    _export(run, tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()

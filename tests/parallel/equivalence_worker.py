@@ -14,7 +14,9 @@ recording (on global rank 0, into ``DIR/<job>.pt``):
 * ``fused_weights`` — how many of rank 0's weights had their gradient accumulated into ``main_grad`` by
   the GEMM (``model.gradient_accumulation_fusion``),
 * ``uneven_routing`` — whether some expert received a different number of rows than another (so the
-  all-to-all really ran with variable split sizes).
+  all-to-all really ran with variable split sizes),
+* ``bias1`` / ``bias2`` — the routers' aux-loss-free expert biases after step 1 / step 2 by global name, and
+  ``bias_replica_diff``, the largest difference between the copies that different ranks hold.
 
 A job may also ``save`` a checkpoint after step 1, or start by ``load``-ing one (saved under another
 layout): it then records ``params1`` straight after loading and takes only step 2.
@@ -79,6 +81,24 @@ def make_config(parallel: dict, save_dir: str, model: str = "tiny", extra: tuple
     return load_config(model=model, overrides=overrides)
 
 
+def gather_biases(trainer) -> tuple[dict, float]:
+    """Every router's ``expert_bias`` by global name from all ranks, and how much the ranks' copies differ."""
+    from engmoe.model.transformer import canonical_name
+
+    local = {canonical_name(m, n): b.detach().cpu().clone() for m in trainer.models for n, b in m.named_buffers()
+             if n.endswith("expert_bias")}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, local)
+    merged, diff = {}, 0.0
+    for part in every:
+        for name, t in part.items():
+            if name in merged:
+                diff = max(diff, (merged[name] - t).abs().max().item())
+            else:
+                merged[name] = t
+    return merged, diff
+
+
 def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
     from engmoe.parallel.gather import gather_full
     from engmoe.training.data import TrainData
@@ -92,6 +112,7 @@ def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
     replica = 0.0
     if "load" in job:
         record["params1"], diff = gather_full(trainer.models)
+        record["bias1"], record["bias_replica_diff"] = gather_biases(trainer)
         replica = max(replica, diff)
         losses = [None]
     else:
@@ -114,6 +135,7 @@ def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
                       uneven_routing=bool((counts.max(1).values != counts.min(1).values).any()))
         replica = max(replica, captured["diff"])
         record["params1"], diff = gather_full(trainer.models)
+        record["bias1"], record["bias_replica_diff"] = gather_biases(trainer)
         replica = max(replica, diff)
         losses = [first["lm_loss"]]
         if "save" in job:
@@ -122,7 +144,9 @@ def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
     trainer.optimizer.finish_param_sync()
     losses.append(second["lm_loss"])
     record["params2"], diff = gather_full(trainer.models)
-    record.update(loss=losses, replica_diff=max(replica, diff))
+    record["bias2"], bias_diff = gather_biases(trainer)
+    record.update(loss=losses, replica_diff=max(replica, diff),
+                  bias_replica_diff=max(record["bias_replica_diff"], bias_diff))
     if dist.get_rank() == 0:
         torch.save(record, out_dir / f"{job['name']}.pt")
 
