@@ -312,6 +312,9 @@ class StageConfig:
     # Warn when the loss exceeds spike_factor × its running mean.
     spike_factor: float = 3.0
     tensorboard: bool = True
+    # Steps between TensorBoard layer × expert load heatmaps (written at the first log step after each
+    # multiple, and at the end); 0 = none. Per-layer load scalars are logged every log_interval regardless.
+    expert_heatmap_interval: int = 1000
 
     def validate(self, where: str = "stage") -> None:
         _check(self.param_dtype in ("auto", "fp32", "bf16"), f"{where}.param_dtype",
@@ -321,6 +324,8 @@ class StageConfig:
         for name in ("train_steps", "global_batch", "micro_batch", "log_interval", "eval_interval",
                      "save_interval"):
             _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.expert_heatmap_interval >= 0, f"{where}.expert_heatmap_interval",
+               f"must be >= 0 (0 = off), got {self.expert_heatmap_interval}")
         for i, entry in enumerate(self.batch_ramp):
             _check(len(entry) == 2 and entry[0] >= 0 and entry[1] >= 1, f"{where}.batch_ramp[{i}]",
                    f"must be [step, global_batch], got {entry}")

@@ -58,6 +58,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MoELayer(cfg.hidden_size, cfg.moe, ep_size=ep_size, ep_rank=ep_rank, device=device, dtype=dtype,
                             ep_group=ep_group, token_group=token_group, a2a_chunks=a2a_chunks,
                             batch_group=batch_group)
+        self.mlp.layer_number = layer_number  # global: rows of the expert-load statistics
 
     def forward(self, x, rotary, doc_ids=None, cp_plan=None):
         x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan)

@@ -53,8 +53,15 @@ def _curves(args) -> int:
     return 0
 
 
+def _expert_load(args) -> int:
+    from engmoe.report.expert_load import plot
+
+    print(plot(args.runs, args.out))
+    return 0
+
+
 def register(sub) -> None:
-    rp = sub.add_parser("report", help="compute (FLOPs, GPU-hours, MFU, EU AI Act), data summary, loss/MFU plot")
+    rp = sub.add_parser("report", help="compute (FLOPs, GPU-hours, MFU, EU AI Act), data summary, loss/MFU plot, expert load")
     rsub = rp.add_subparsers(dest="report_command", required=True)
     c = rsub.add_parser("compute", help="training FLOPs per stage and cumulative vs the EU AI Act thresholds")
     c.add_argument("runs", nargs="+", help="stage run directories (save_dir), in pipeline order")
@@ -74,3 +81,7 @@ def register(sub) -> None:
     p.add_argument("runs", nargs="+", help="stage run directories, in pipeline order")
     p.add_argument("--out", required=True, help="PNG path")
     p.set_defaults(fn=_curves)
+    e = rsub.add_parser("expert-load", help="layer × expert load heatmap over the runs from their TensorBoard logs")
+    e.add_argument("runs", nargs="+", help="stage run directories, in pipeline order")
+    e.add_argument("--out", required=True, help="PNG path")
+    e.set_defaults(fn=_expert_load)

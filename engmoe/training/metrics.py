@@ -74,7 +74,29 @@ class TensorBoard:
             return
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and v is not None and k != "step":
-                self.writer.add_scalar(f"train/{k}" if not k.startswith("valid") else k.replace("_", "/", 1), v, step)
+                if "/" in k:  # already a full tag (moe/layer_00/load_cv)
+                    self.writer.add_scalar(k, v, step)
+                else:
+                    self.writer.add_scalar(f"train/{k}" if not k.startswith("valid") else k.replace("_", "/", 1),
+                                           v, step)
+        self.writer.flush()
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """``image``: ``[3, H, W]`` uint8."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+            self.writer.flush()
+
+    def log_array(self, tag: str, array, step: int) -> None:
+        """A raw array as a tensor summary (read back with EventAccumulator.Tensors, e.g. by engmoe report)."""
+        if self.writer is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.util import tensor_util
+
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="engmoe"))
+        value = Summary.Value(tag=tag, tensor=tensor_util.make_tensor_proto(array), metadata=meta)
+        self.writer._get_file_writer().add_summary(Summary(value=[value]), step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ from engmoe.parallel.cpu_compat import cuda_to_cpu
 from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
 from engmoe.training import checkpoint as ckpt
 from engmoe.training.data import TrainData, build_train_data, rank_microbatches
+from engmoe.training.expert_load import COUNTS_TAG, IMAGE_TAG, ExpertLoadTracker, heatmap_image, layer_metrics
 from engmoe.training.metrics import (
     SpikeDetector,
     TensorBoard,
@@ -120,6 +121,9 @@ class Trainer:
         self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last pipeline stage holds the loss
         self.tb = TensorBoard(str(self.save_dir / "tensorboard") if (self.is_logger and cfg.stage.tensorboard) else None)
         self.spikes = SpikeDetector(factor=cfg.stage.spike_factor)
+        self.expert_load = ExpertLoadTracker(self.moe_layers(), cfg.model.num_layers, cfg.model.moe.num_experts,
+                                             self.device)
+        self._last_heatmap_step = 0
         self._stop_signal = False
         self._restore(resume)
         self.log(f"engmoe: stage {cfg.stage.name} | model {cfg.model.name} ({count_parameters(cfg.model).summary()}) | "
@@ -237,6 +241,7 @@ class Trainer:
             if cfg.stage.nan_policy == "stop":
                 raise TrainingStopped(f"non-finite loss/grad norm at step {st.step + 1}")
         stats = [m.mean_stats() for m in self.moe_layers()]  # per micro-batch, averaged over this step
+        self.expert_load.accumulate()  # on device; read at the next log step
         aux = self._pp_reduce(sum((s["aux_loss"] for s in stats),
                                   torch.zeros((), dtype=torch.float64, device=self.device)))
         lo, hi = expert_load_extremes(torch.stack([s["tokens_per_expert"] for s in stats]))
@@ -277,6 +282,18 @@ class Trainer:
                              {"trainer": asdict(self.state)}, self.cfg)
         self.log(f"saved checkpoint {ckpt._iter_dir(self.save_dir, self.state.step)}")
 
+    def _log_expert_load(self, last: bool) -> None:
+        """Per-layer expert-load scalars for the log interval; the heatmap every expert_heatmap_interval steps.
+        A collective (every rank calls it at the same log steps); one device-to-host copy."""
+        counts = self.expert_load.collect(replica_group(), self.ps.get_pipeline_model_parallel_group())
+        step, every = self.state.step, self.cfg.stage.expert_heatmap_interval
+        self.tb.log(layer_metrics(counts), step)
+        if every and (step // every > self._last_heatmap_step // every or last):
+            window = self.expert_load.take_window()
+            self.tb.log_image(IMAGE_TAG, heatmap_image(window), step)
+            self.tb.log_array(COUNTS_TAG, window.astype("float64"), step)
+            self._last_heatmap_step = step
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = True
 
@@ -315,6 +332,7 @@ class Trainer:
                          total_flops=st.total_flops, device_hours=st.device_hours)
                 self.log(format_line(m))
                 self.tb.log({k: v for k, v in m.items() if k != "finite"}, st.step)
+                self._log_expert_load(last)
                 interval_t0, interval_tokens = time.time(), 0
             if st.step % cfg.stage.eval_interval == 0 or last:
                 valid = self.evaluate()

@@ -79,3 +79,41 @@ def test_global_batch_lb_and_bias_over_data_parallel_ranks_equal_one_process(tmp
     micro = _router()
     micro.moe = MoEConfig(num_experts=E, top_k=K, expert_intermediate_size=4)
     assert not torch.allclose(_step(micro, [x[:T // 2] for x in _tokens()])[0], losses)
+
+
+def _load_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank r holds layer r (two pipeline stages) for the first collect, both layers (two data-parallel
+    replicas with different tokens) for the second."""
+    from engmoe.training.expert_load import ExpertLoadTracker
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    def layer(number: int, counts: list[float]):
+        return types.SimpleNamespace(layer_number=number, stats_sum={"tokens_per_expert": torch.tensor(counts)})
+
+    stage = ExpertLoadTracker([layer(rank, [1.0 + rank, 2.0, 0.0])], 2, 3, torch.device("cpu"))
+    stage.accumulate()
+    stage.accumulate()  # two steps in the interval
+    by_stage = stage.collect(None, dist.group.WORLD)
+    replica = ExpertLoadTracker([layer(0, [rank, 1.0, 0.0]), layer(1, [0.0, 0.0, 5.0])], 2, 3, torch.device("cpu"))
+    replica.accumulate()
+    by_replica = replica.collect(dist.group.WORLD, None)
+    again = replica.collect(dist.group.WORLD, None)  # a new interval starts empty
+    if rank == 0:
+        torch.save({"stage": by_stage, "replica": by_replica, "again": again}, out)
+    dist.destroy_process_group()
+
+
+def test_expert_load_is_summed_over_stages_and_replicas_at_log_time(tmp_path):
+    import numpy as np
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "load.pt")
+    mp.spawn(_load_worker, args=(2, port, out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    assert np.array_equal(got["stage"], np.array([[2.0, 4.0, 0.0], [4.0, 4.0, 0.0]]))
+    assert np.array_equal(got["replica"], np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 10.0]]))
+    assert not got["again"].any()
