@@ -105,7 +105,8 @@ def write_checkpoint(out_dir: str | Path, cfg: Config, tensors: dict[str, torch.
                      extra_state: Optional[dict] = None) -> Path:
     """Write ``tensors`` (canonical names, full shapes) as iteration 0 of run dir ``out_dir``; return it.
 
-    Every parameter of the model ``cfg.model`` must be given, with its exact shape."""
+    Every parameter of the model ``cfg.model`` must be given, with its exact shape; the routers'
+    ``expert_bias`` buffers may be."""
     from engmoe.model import build_model
     from engmoe.model.transformer import canonical_name
     from engmoe.training.checkpoint import save_checkpoint
@@ -115,8 +116,10 @@ def write_checkpoint(out_dir: str | Path, cfg: Config, tensors: dict[str, torch.
     single = ParallelConfig()
     model = build_model(cfg.model, single, seed=cfg.stage.seed, device="cpu")
     params = {canonical_name(model, n): p for n, p in model.named_parameters()}
+    # checkpointed buffers (the routers' expert_bias) are optional: absent ones stay zero
+    buffers = {canonical_name(model, n): b for n, b in model.named_buffers() if n.endswith("expert_bias")}
     missing = sorted(set(params) - set(tensors))
-    unknown = sorted(set(tensors) - set(params))
+    unknown = sorted(set(tensors) - set(params) - set(buffers))
     if missing or unknown:
         raise ConfigError(f"write_checkpoint: tensors do not match model {cfg.model.name!r}: missing {missing[:5]}, "
                           f"unexpected {unknown[:5]}")
@@ -127,5 +130,11 @@ def write_checkpoint(out_dir: str | Path, cfg: Config, tensors: dict[str, torch.
                 raise ConfigError(f"write_checkpoint: {name} has shape {tuple(t.shape)}, the model expects "
                                   f"{tuple(p.shape)}")
             p.copy_(t.to(p.dtype))
+        for name, b in buffers.items():
+            if name in tensors:
+                if tuple(tensors[name].shape) != tuple(b.shape):
+                    raise ConfigError(f"write_checkpoint: {name} has shape {tuple(tensors[name].shape)}, the model "
+                                      f"expects {tuple(b.shape)}")
+                b.copy_(tensors[name].to(b.dtype))
     state = {"trainer": asdict(TrainState(stage=cfg.stage.name)), **(extra_state or {})}
     return save_checkpoint(out_dir, 0, [model], None, state, cfg)

@@ -1,4 +1,4 @@
-"""``engmoe export-hf`` and ``engmoe import-hf`` (registered into the ``engmoe`` command by engmoe/cli.py)."""
+"""``engmoe export-hf``, ``engmoe import-hf`` and ``engmoe soup`` (registered into the ``engmoe`` command by engmoe/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,15 @@ def _import(args) -> int:
     return 0
 
 
+def _soup(args) -> int:
+    from engmoe.export.soup import soup
+
+    ckpt = soup(args.checkpoints, args.out, weights=args.weights, overwrite=args.overwrite)
+    print(f"souped {len(args.checkpoints)} checkpoints → {ckpt}; start a stage from it with "
+          f"--set stage.init_from={args.out}")
+    return 0
+
+
 def register(sub) -> None:
     e = sub.add_parser("export-hf", help="write a checkpoint (any parallel layout) as a Hugging Face model directory")
     e.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or an iter_* directory")
@@ -56,3 +65,10 @@ def register(sub) -> None:
     i.add_argument("--out", required=True, help="run directory to create; use it as stage.init_from")
     i.add_argument("--overwrite", action="store_true")
     i.set_defaults(fn=_import)
+    s = sub.add_parser("soup", help="average checkpoints of one model (any parallel layouts) into a new checkpoint")
+    s.add_argument("--checkpoints", nargs="+", required=True, help="run directories (their latest) or iter_* dirs")
+    s.add_argument("--weights", nargs="+", type=float, default=None, help="one per checkpoint (normalised); "
+                   "default uniform")
+    s.add_argument("--out", required=True, help="run directory to create (weights only, iteration 0)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_soup)
