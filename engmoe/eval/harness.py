@@ -19,7 +19,7 @@ come from lm-eval's ``--device``/``--batch_size`` (``cuda`` falls back to the CP
 * ``loglikelihood_rolling``: every token once, from the end-of-document token, in windows of the model's
   length (engmoe.eval.scoring.rolling_requests).
 * ``generate_until``: greedy (``do_sample`` with a temperature samples instead), stops at ``until`` strings,
-  the end-of-document or end-of-turn token, or ``max_gen_toks``. No KV cache (see greedy_generate).
+  the end-of-document or end-of-turn token, or ``max_gen_toks``. With a KV cache (engmoe.eval.generate).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from engmoe.eval.model import InferenceModel, keep_last_positions, load_model
+from engmoe.eval.model import InferenceModel, load_model
 from engmoe.eval.scoring import continuation_request, greedy_generate, rolling_requests, score
 
 try:
@@ -167,22 +167,15 @@ class EngMoELM(_LMBase):
                 self.cache_hook.add_partial("generate_until", (context, r.args[1]), text)
         return out
 
-    @torch.no_grad()
     def _sample(self, prompt: list[int], max_new: int, stop_ids: set[int], temperature: float, until: list[str]
                 ) -> list[int]:
+        """Sampled continuation (seeded: the same request gives the same text), with the KV cache."""
+        from engmoe.eval.generate import generate
+
         g = torch.Generator(device="cpu").manual_seed(1234)
-        seq, out = prompt[-(self._max_length - max_new):], []
-        for _ in range(max_new):
-            with keep_last_positions(self.im.model, 1):
-                logits = self.im.model(torch.as_tensor([seq], device=self.im.device)).logits[0, -1].float().cpu()
-            nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
-            if nxt in stop_ids:
-                break
-            out.append(nxt)
-            seq.append(nxt)
-            if until and any(u in self.tok.decode(out) for u in until):
-                break
-        return out
+        return generate(self.im, prompt, max_new, stop_ids,
+                        stop=(lambda out: any(u in self.tok.decode(out) for u in until)) if until else None,
+                        temperature=temperature, generator=g, max_length=self._max_length)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -111,26 +111,10 @@ def score(im: InferenceModel, reqs: Sequence[ScoreRequest], batch_size: int = 8,
 
 @torch.no_grad()
 def greedy_generate(im: InferenceModel, prompt: Sequence[int], max_new_tokens: int,
-                    stop_ids: Iterable[int] = (), stop: Optional[Callable[[list[int]], bool]] = None) -> list[int]:
-    """Greedy continuation of ``prompt`` (cut from the left to leave room for ``max_new_tokens``).
+                    stop_ids: Iterable[int] = (), stop: Optional[Callable[[list[int]], bool]] = None,
+                    use_cache: bool = True) -> list[int]:
+    """Greedy continuation of ``prompt`` (cut from the left to leave room for ``max_new_tokens``), with a KV
+    cache unless ``use_cache`` is False (engmoe.eval.generate). ``stop(generated_ids)`` may end it early."""
+    from engmoe.eval.generate import generate
 
-    No KV cache: each step reruns the sequence (only its last position reaches the output layer). That is
-    fine for the tiny model and short answers; for generation-heavy benchmarks of the real model, export
-    it (``engmoe export-hf``) and use a runtime with a cache. ``stop(generated_ids)`` may end it early."""
-    stop_ids = set(stop_ids)
-    room = im.max_length - max_new_tokens
-    if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max length {im.max_length}")
-    seq = list(prompt)[-room:]
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        with keep_last_positions(im.model, 1):
-            logits = im.model(torch.as_tensor([seq], device=im.device)).logits
-        nxt = int(logits[0, -1].argmax())
-        if nxt in stop_ids:
-            break
-        out.append(nxt)
-        seq.append(nxt)
-        if stop is not None and stop(out):
-            break
-    return out
+    return generate(im, prompt, max_new_tokens, stop_ids, stop, use_cache=use_cache)

@@ -44,9 +44,10 @@ class SelfAttention(nn.Module):
         tensor_parallel.set_tensor_model_parallel_attributes(self.linear_proj.weight, True, 1, 1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                doc_ids: Optional[torch.Tensor] = None, cp_plan=None) -> torch.Tensor:
+                doc_ids: Optional[torch.Tensor] = None, cp_plan=None, kv=None) -> torch.Tensor:
         """x: ``[S, B, H]`` (``[S/tp, B, H]`` under sequence parallelism; S is this context rank's share
-        under context parallelism, whose ``cp_plan`` then says how to attend the whole sequence)."""
+        under context parallelism, whose ``cp_plan`` then says how to attend the whole sequence). ``kv``: this
+        layer's ``engmoe.model.kv_cache.LayerKV`` (incremental decoding: x holds the positions after it)."""
         qkv, _ = self.linear_qkv(x)
         S, B = qkv.shape[:2]
         qkv = qkv.view(S, B, self.local_kv, self.q_per_kv + 2, self.head_dim)
@@ -55,7 +56,10 @@ class SelfAttention(nn.Module):
         v = qkv[:, :, :, self.q_per_kv + 1]
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cp_plan is not None:
+        if kv is not None:  # the new positions' queries over every cached key (bottom-right causal)
+            k_all, v_all = kv.append(k.transpose(0, 1), v.transpose(0, 1))
+            out = attention(q.transpose(0, 1), k_all, v_all, backend=self.cfg.attention_backend).transpose(0, 1)
+        elif cp_plan is not None:
             out = context_parallel_attention(q, k, v, cp_plan, doc_ids, self.cfg.attention_backend)
         else:  # backends take [B, S, heads, D]
             out = attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), doc_ids=doc_ids,

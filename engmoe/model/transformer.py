@@ -60,8 +60,8 @@ class TransformerLayer(nn.Module):
                             batch_group=batch_group)
         self.mlp.layer_number = layer_number  # global: rows of the expert-load statistics
 
-    def forward(self, x, rotary, doc_ids=None, cp_plan=None):
-        x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan)
+    def forward(self, x, rotary, doc_ids=None, cp_plan=None, kv=None):
+        x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan, kv)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -163,13 +163,22 @@ class EngMoEModel(nn.Module):
         return [layer.mlp for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+                doc_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, kv_cache=None):
         """input_ids, position_ids, doc_ids, labels: ``[B, S]``. Returns a ModelOutput on the last pipeline
         stage and the hidden states ``[S, B, H]`` on the others.
 
         Under context parallelism every tensor holds this rank's share of the sequence
-        (``engmoe.parallel.context.shard_batch``), position ids included; outputs are per local token."""
+        (``engmoe.parallel.context.shard_batch``), position ids included; outputs are per local token.
+        ``kv_cache`` (``engmoe.model.kv_cache.KVCache``, inference in one process): ``input_ids`` are the
+        positions after the cached ones, whose keys and values the layers append to it."""
         B, S = input_ids.shape
+        if kv_cache is not None:
+            if self.cp_group is not None or doc_ids is not None or self.parallel.sequence_parallel:
+                raise ValueError("kv_cache: incremental decoding runs without context or sequence parallelism "
+                                 "and without document ids")
+            if position_ids is None:
+                start = kv_cache.length
+                position_ids = torch.arange(start, start + S, device=input_ids.device).unsqueeze(0).expand(B, S)
         if position_ids is None:
             if self.cp_group is not None:
                 raise ValueError("context parallelism needs explicit position_ids (the global positions of this "
@@ -183,8 +192,8 @@ class EngMoEModel(nn.Module):
         else:
             x = self.input_tensor
         rotary = self.rotary(position_ids)
-        for layer in self.layers:
-            x = layer(x, rotary, doc_ids, cp_plan)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rotary, doc_ids, cp_plan, kv_cache.layers[i] if kv_cache is not None else None)
         if not self.post_process:
             return x
         x = self.final_norm(x)

@@ -130,3 +130,21 @@ def test_config_fields_are_validated():
         load_config(model="tiny", overrides=["model.moe.expert_bias_update_rate=-1"])
     with pytest.raises(ConfigError, match="model.moe.lb_scope"):
         load_config(model="tiny", overrides=["model.moe.lb_scope=sequence"])
+
+
+@pytest.mark.gpu
+def test_biased_topk_on_cuda_equals_the_reference():
+    """On CUDA tensors the cuda backend runs its fused kernel without a bias and the reference ops with one."""
+    torch.manual_seed(0)
+    logits = torch.randn(4096, 64, device="cuda")
+    bias = (torch.randn(64, device="cuda") * 0.01).float()
+    for normalize in (False, True):
+        got = cuda_ops.router_topk(logits, 8, normalize, bias=bias)
+        want = reference.router_topk(logits, 8, normalize, bias=bias)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        plain = cuda_ops.router_topk(logits, 8, normalize)
+        ref = reference.router_topk(logits, 8, normalize)
+        torch.testing.assert_close(plain[0], ref[0], rtol=1e-5, atol=1e-6)
+        assert (plain[2].sort(-1).values == ref[2].sort(-1).values).float().mean() > 0.999
+        assert not torch.equal(got[2].sort(-1).values, plain[2].sort(-1).values)  # the bias moved some choices
