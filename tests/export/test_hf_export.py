@@ -189,10 +189,10 @@ def test_export_refuses_a_nonzero_expert_bias(demo_tokenizer, tmp_path):
     and no weight can absorb it, so the export refuses (a zero bias exports as usual)."""
     from dataclasses import asdict
 
-    from engmoe_tiny_runs import build_reference, tiny_config
-
     from engmoe.training.checkpoint import save_checkpoint
     from engmoe.training.trainer import TrainState
+
+    from engmoe_tiny_runs import build_reference, tiny_config
 
     run = tmp_path / "biased"
     cfg = tiny_config(run, [f"data.tokenizer={demo_tokenizer}", "model.moe.expert_bias_update_rate=1e-3"])

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from engmoe_tiny_runs import build_reference, save_tiny_checkpoint, tiny_config
 
 from engmoe.config import ConfigError
+
+from engmoe_tiny_runs import build_reference, save_tiny_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
