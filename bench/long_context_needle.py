@@ -77,7 +77,7 @@ def main() -> int:
     args = p.parse_args()
 
     from engmoe.eval.needle import run_probe
-    from engmoe.model import attention_backends as ab
+    from engmoe.kernels import attention as ab
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from long_context_train import count_attention_calls

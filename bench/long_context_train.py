@@ -75,7 +75,7 @@ class MockPackedDataset:
 
 def count_attention_calls() -> Counter:
     """Wrap every attention backend to count (backend, queries, keys) calls: what actually ran."""
-    from engmoe.model import attention_backends as ab
+    from engmoe.kernels import attention as ab
 
     calls: Counter = Counter()
     for name, fn in list(ab.BACKENDS.items()):
@@ -107,7 +107,7 @@ def main() -> int:
 
     from engmoe.config import load_config
     from engmoe.kernels import get_moe_kernels
-    from engmoe.model.attention_backends import resolve_backend
+    from engmoe.kernels.attention import resolve_backend
     from engmoe.parallel import init_distributed
     from engmoe.training.data import TrainData
     from engmoe.training.trainer import Trainer

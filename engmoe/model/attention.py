@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engmoe.config import ConfigError, ModelConfig
-from engmoe.model.attention_backends import attention
+from engmoe.kernels.attention import attention
 from engmoe.model.rope import apply_rotary
 from engmoe.parallel.context import context_parallel_attention
 

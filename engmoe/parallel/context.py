@@ -89,7 +89,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     → ``[S/cp, B, Hq, D]``."""
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    from engmoe.model.attention_backends import attention
+    from engmoe.kernels.attention import attention
 
     local, hkv = k.shape[0], k.shape[2]
     kv = gather_from_sequence_parallel_region(torch.cat([k, v], dim=2), tensor_parallel_output_grad=True,

@@ -340,7 +340,7 @@ def test_cross_entropy_kernels(N, V, start, dtype):
 def test_fused_cross_entropy_bf16_matches_megatron_fp32():
     """The model's loss path on GPU: bf16 logits, fp32 math, against megatron's fp32 cross-entropy."""
     from engmoe.config import ParallelConfig
-    from engmoe.model.cross_entropy import fused_cross_entropy
+    from engmoe.kernels.cross_entropy import fused_cross_entropy
     from engmoe.parallel import initialize_parallel
 
     initialize_parallel(ParallelConfig())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engmoe.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig, RopeConfig, YarnConfig
-from engmoe.model import attention_backends as ab
+from engmoe.kernels import attention as ab
 from engmoe.model.attention import SelfAttention
 from engmoe.model.rope import RotaryEmbedding
 from engmoe.parallel import megatron_layer_config

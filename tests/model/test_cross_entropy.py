@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engmoe.kernels import reference
-from engmoe.model.cross_entropy import fused_cross_entropy
+from engmoe.kernels.cross_entropy import fused_cross_entropy
 
 
 def _megatron_ce(logits, target):

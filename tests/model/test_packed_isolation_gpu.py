@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engmoe.model import attention_backends as ab
+from engmoe.kernels import attention as ab
 
 from test_packed_isolation import pack_documents  # tests/model is on sys.path (pytest rootdir-less import)
 

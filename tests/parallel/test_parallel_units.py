@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engmoe.config import ConfigError, ParallelConfig, load_config
-from engmoe.model import attention_backends as ab
+from engmoe.kernels import attention as ab
 from engmoe.model.moe.dispatcher import regroup_order
 from engmoe.model.moe.router import load_balancing_loss, z_loss
 from engmoe.parallel.context import rank_chunks, shard_batch, shard_sequence, unshard_sequence
