@@ -67,10 +67,10 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: Op
     """The model of ``checkpoint`` (run dir or iter dir) in eval mode, with its tokenizer when one is found."""
     import json
 
-    from engmoe.export.checkpoint_io import ensure_single_process
+    from engmoe.checkpoint.full import ensure_single_process
     from engmoe.export.tokenizer_files import find_tokenizer
     from engmoe.model import build_model
-    from engmoe.training.checkpoint import find_checkpoint, load_checkpoint
+    from engmoe.checkpoint.sharded import find_checkpoint, load_checkpoint
 
     found = find_checkpoint(checkpoint)
     if found is None:

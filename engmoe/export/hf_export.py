@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from engmoe.export.architectures import TokenIds, choose_architecture, generation_config, hf_config
-from engmoe.export.checkpoint_io import CheckpointReader
+from engmoe.checkpoint.full import CheckpointReader
 from engmoe.export.convert import globals_to_hf, layer_to_hf
 from engmoe.export.safetensors_io import ShardedSafetensorsWriter
 from engmoe.export.tokenizer_files import find_tokenizer, token_ids, write_tokenizer_files

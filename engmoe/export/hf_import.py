@@ -18,7 +18,7 @@ import torch
 
 from engmoe.config import Config, ConfigError
 from engmoe.export.architectures import model_config_from_hf
-from engmoe.export.checkpoint_io import write_checkpoint
+from engmoe.checkpoint.full import write_checkpoint
 from engmoe.export.convert import globals_from_hf, layer_from_hf
 from engmoe.export.safetensors_io import SafetensorsReader
 from engmoe.io import read_document

@@ -72,7 +72,7 @@ def collect(run_dirs: list[str | Path]) -> list[StageCompute]:
     """One row per run directory, in the given order."""
     from engmoe.config import config_from_yaml_file
     from engmoe.model import model_flops_per_token
-    from engmoe.training.checkpoint import find_checkpoint
+    from engmoe.checkpoint.sharded import find_checkpoint
 
     runs = [Path(r) for r in run_dirs]
     states = _all_states(runs)

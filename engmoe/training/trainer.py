@@ -31,8 +31,8 @@ from engmoe.parallel import grad_fusion, initialize_parallel
 from engmoe.parallel.context import shard_batch
 from engmoe.parallel.cpu_compat import cuda_to_cpu
 from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
+from engmoe.checkpoint import sharded as ckpt
 from engmoe.parallel.state import replica_group
-from engmoe.training import checkpoint as ckpt
 from engmoe.training.data import TrainData, build_train_data, rank_microbatches
 from engmoe.training.expert_load import COUNTS_TAG, IMAGE_TAG, ExpertLoadTracker, heatmap_image, layer_metrics
 from engmoe.training.metrics import (

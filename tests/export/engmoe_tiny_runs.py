@@ -20,7 +20,7 @@ def tiny_config(save_dir: Path, overrides: Sequence[str] = (), model: str = "tin
 
 
 def single_process() -> None:
-    from engmoe.export.checkpoint_io import ensure_single_process
+    from engmoe.checkpoint.full import ensure_single_process
 
     ensure_single_process()
 
@@ -37,7 +37,7 @@ def build_reference(cfg, seed: int = SEED):
 
 def save_tiny_checkpoint(save_dir: Path, overrides: Sequence[str] = (), seed: int = SEED, step: int = 3) -> Path:
     """Run dir with one checkpoint of the untrained tiny model (``overrides``: ``--set`` items)."""
-    from engmoe.training.checkpoint import save_checkpoint
+    from engmoe.checkpoint.sharded import save_checkpoint
     from engmoe.training.trainer import TrainState
 
     cfg = tiny_config(save_dir, overrides)

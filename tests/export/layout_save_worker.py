@@ -35,7 +35,7 @@ def main() -> None:
     from engmoe.config import load_config
     from engmoe.model import build_model
     from engmoe.parallel import destroy_parallel, initialize_parallel
-    from engmoe.training.checkpoint import save_checkpoint
+    from engmoe.checkpoint.sharded import save_checkpoint
     from engmoe.training.trainer import TrainState
 
     for name, parallel in LAYOUTS.items():

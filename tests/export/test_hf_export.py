@@ -64,7 +64,7 @@ def test_transformers_logits_equal_ours(tiny_checkpoints, tmp_path, variant, arc
 
 
 def _saved_config(run_dir):
-    from engmoe.export.checkpoint_io import CheckpointReader
+    from engmoe.checkpoint.full import CheckpointReader
 
     return CheckpointReader(run_dir).config
 
@@ -76,7 +76,7 @@ def test_padded_vocab_rows_are_dropped(tiny_checkpoints, tmp_path):
     from engmoe_tiny_runs import save_tiny_checkpoint
 
     run = save_tiny_checkpoint(tmp_path / "odd", ["model.vocab_size=8000"])
-    from engmoe.export.checkpoint_io import CheckpointReader
+    from engmoe.checkpoint.full import CheckpointReader
 
     assert CheckpointReader(run).shape("embedding.weight") == (8064, 128)
     _export(run, tmp_path / "hf", with_tokenizer=False)

@@ -12,7 +12,7 @@ def _export(ckpt, out, **kw):
 
 
 def _tensors(run_dir) -> dict:
-    from engmoe.export.checkpoint_io import CheckpointReader
+    from engmoe.checkpoint.full import CheckpointReader
 
     reader = CheckpointReader(run_dir)
     return reader.load(reader.names)
@@ -20,7 +20,7 @@ def _tensors(run_dir) -> dict:
 
 @pytest.mark.parametrize("variant", ["default", "normalized", "yarn", "tied"])
 def test_round_trip_is_exact(tiny_checkpoints, tmp_path, variant):
-    from engmoe.export.checkpoint_io import CheckpointReader
+    from engmoe.checkpoint.full import CheckpointReader
     from engmoe.export.hf_import import import_hf
 
     original = tiny_checkpoints[variant]
@@ -45,7 +45,7 @@ def test_round_trip_is_exact(tiny_checkpoints, tmp_path, variant):
 
 def test_stage_starts_from_imported_checkpoint(tiny_checkpoints, tmp_path):
     from engmoe.config import load_config
-    from engmoe.export.checkpoint_io import CheckpointReader
+    from engmoe.checkpoint.full import CheckpointReader
     from engmoe.export.hf_import import import_hf
     from engmoe.model.transformer import canonical_name
     from engmoe.training.trainer import Trainer

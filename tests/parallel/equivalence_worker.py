@@ -100,7 +100,7 @@ def gather_biases(trainer) -> tuple[dict, float]:
 
 
 def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
-    from engmoe.parallel.gather import gather_full
+    from engmoe.checkpoint.gather import gather_full
     from engmoe.training.data import TrainData
     from engmoe.training.trainer import Trainer
 

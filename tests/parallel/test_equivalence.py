@@ -92,7 +92,7 @@ def test_expert_tensor_parallel_checkpoint_reads_at_full_shape(results):
     its gate and up fragments — into exactly the canonical tensors the saving run held."""
     import torch
 
-    from engmoe.export.checkpoint_io import CheckpointReader
+    from engmoe.checkpoint.full import CheckpointReader
 
     saver = load(results / f"{SAVED_BY['ep2_etp2']}.pt")
     reader = CheckpointReader(results / "ckpt_ep2_etp2")

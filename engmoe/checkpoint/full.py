@@ -45,7 +45,7 @@ class CheckpointReader:
     def __init__(self, path: str | Path):
         from megatron.core import dist_checkpointing
 
-        from engmoe.training.checkpoint import find_checkpoint
+        from engmoe.checkpoint.sharded import find_checkpoint
 
         found = find_checkpoint(path)
         if found is None:
@@ -109,7 +109,7 @@ def write_checkpoint(out_dir: str | Path, cfg: Config, tensors: dict[str, torch.
     ``expert_bias`` buffers may be."""
     from engmoe.model import build_model
     from engmoe.model.transformer import canonical_name
-    from engmoe.training.checkpoint import save_checkpoint
+    from engmoe.checkpoint.sharded import save_checkpoint
     from engmoe.training.trainer import TrainState
 
     ensure_single_process()
