@@ -91,7 +91,7 @@ class EngMoELM(_LMBase):
         return f"engmoe-{self.tok.sha256[:16]}"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        from engmoe.export.chat_template import CHAT_TEMPLATE
+        from engmoe.data.chat_template import CHAT_TEMPLATE
 
         return CHAT_TEMPLATE
 
@@ -99,7 +99,7 @@ class EngMoELM(_LMBase):
         """The exported Jinja template (same text as engmoe/data/chat.py renders), thinking disabled."""
         import jinja2
 
-        from engmoe.export.chat_template import CHAT_TEMPLATE
+        from engmoe.data.chat_template import CHAT_TEMPLATE
 
         env = jinja2.Environment()
 

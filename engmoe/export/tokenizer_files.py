@@ -15,7 +15,7 @@ from typing import Any, Optional
 from engmoe.config import Config
 from engmoe.data.tokenizer import BOS, EOD, PAD, UNK, Tokenizer, load_tokenizer
 from engmoe.export.architectures import TokenIds
-from engmoe.export.chat_template import CHAT_TEMPLATE
+from engmoe.data.chat_template import CHAT_TEMPLATE
 
 END_OF_TURN = "<|im_end|>"
 
