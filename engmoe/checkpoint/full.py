@@ -1,7 +1,7 @@
 """engmoe checkpoints as full tensors in one process: read them layer by layer, write them from tensors.
 
 Reading does not build the model: every tensor of a checkpoint is stored under its global name and global
-shape (engmoe/training/checkpoint.py), so one process asks megatron-core's ``dist_checkpointing`` for the
+shape (engmoe/checkpoint/sharded.py), so one process asks megatron-core's ``dist_checkpointing`` for the
 whole tensor and it assembles the shards, whatever tensor/pipeline/expert/data layout wrote them. Asking
 one layer at a time keeps memory at one layer's weights, so the 16B model exports on a CPU node.
 
@@ -11,7 +11,6 @@ checkpoint is exactly what a stage's ``init_from`` (and any later layout) loads.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional
@@ -19,8 +18,7 @@ from typing import Iterable, Optional
 import torch
 
 from engmoe.config import Config, ConfigError, ParallelConfig, config_from_yaml_file
-
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+from engmoe.names import split_layer_name
 
 
 def ensure_single_process() -> None:
@@ -48,9 +46,6 @@ class CheckpointReader:
         from engmoe.checkpoint.sharded import find_checkpoint
 
         found = find_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no complete engmoe checkpoint (expected an iter_* directory with "
-                                    "train_state.json, or a run directory with a 'latest' file)")
         self.dir = found
         cfg_path = found / "config.yaml"
         if not cfg_path.is_file():
@@ -62,7 +57,7 @@ class CheckpointReader:
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
         if not self._meta:
             raise ValueError(f"{found}: the checkpoint holds no model.* tensors")
-        layers = sorted({int(m.group(1)) for n in self._meta if (m := _LAYER.match(n))})
+        layers = sorted({parts[0] for n in self._meta if (parts := split_layer_name(n))})
         if layers != list(range(self.config.model.num_layers)):
             raise ValueError(f"{found}: layers {layers[:3]}…{layers[-3:]} in the checkpoint do not match "
                              f"model.num_layers={self.config.model.num_layers} of {cfg_path}")
@@ -98,7 +93,7 @@ class CheckpointReader:
 
     def globals(self) -> dict[str, torch.Tensor]:
         """Everything outside the layers: embedding, final norm, output layer."""
-        return self.load(n for n in self._meta if not _LAYER.match(n))
+        return self.load(n for n in self._meta if split_layer_name(n) is None)
 
 
 def write_checkpoint(out_dir: str | Path, cfg: Config, tensors: dict[str, torch.Tensor],
@@ -107,10 +102,10 @@ def write_checkpoint(out_dir: str | Path, cfg: Config, tensors: dict[str, torch.
 
     Every parameter of the model ``cfg.model`` must be given, with its exact shape; the routers'
     ``expert_bias`` buffers may be."""
-    from engmoe.model import build_model
-    from engmoe.model.transformer import canonical_name
     from engmoe.checkpoint.sharded import save_checkpoint
-    from engmoe.training.trainer import TrainState
+    from engmoe.checkpoint.train_state import TrainState
+    from engmoe.model import build_model
+    from engmoe.names import canonical_name
 
     ensure_single_process()
     single = ParallelConfig()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engmoe.model.transformer import canonical_name
+from engmoe.names import canonical_name
 
 
 def _full_bucket_grads(ddp_models: list[nn.Module]) -> dict[nn.Parameter, torch.Tensor]:

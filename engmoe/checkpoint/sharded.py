@@ -21,20 +21,34 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
 from engmoe.config import Config, save_config
-from engmoe.model.transformer import EngMoEModel, canonical_name
-from engmoe.training.optimizer import BucketAdamW
+from engmoe.model.transformer import EngMoEModel
+from engmoe.names import canonical_name
 
 LATEST = "latest"
 
 
-def _iter_dir(save_dir: Path, step: int) -> Path:
-    return save_dir / f"iter_{step:07d}"
+class CheckpointableOptimizer(Protocol):
+    """What a checkpoint reads from and writes into an optimizer (``engmoe.training.optimizer.BucketAdamW``):
+    per-parameter state at full model-parallel-shard shape, whatever the ZeRO sharding."""
+
+    has_masters: bool
+
+    def full_masters(self) -> dict: ...
+    def load_full_masters(self, weights: dict) -> None: ...
+    def full_moments(self) -> dict: ...
+    def load_full_moments(self, moments: dict, step: float) -> None: ...
+    def step_count(self) -> float: ...
+
+
+def iter_dir(save_dir: str | Path, step: int) -> Path:
+    """Where iteration ``step`` of run directory ``save_dir`` is (or will be) saved."""
+    return Path(save_dir) / f"iter_{step:07d}"
 
 
 def _sharded_tensors(key: str, tensor: torch.Tensor, p: torch.nn.Parameter) -> dict:
@@ -118,14 +132,14 @@ def _require_psutil() -> None:
 
 
 def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
-                    optimizer: Optional[BucketAdamW], train_state: dict, cfg: Config) -> Path:
+                    optimizer: Optional[CheckpointableOptimizer], train_state: dict, cfg: Config) -> Path:
     """Write iteration ``step`` under a temporary name and publish it by renaming (rank 0) once every rank
     has finished; then point ``latest`` at it."""
     from megatron.core import dist_checkpointing
 
     _require_psutil()
     save_dir = Path(save_dir)
-    final, tmp = _iter_dir(save_dir, step), Path(str(_iter_dir(save_dir, step)) + ".tmp")
+    final, tmp = iter_dir(save_dir, step), Path(str(iter_dir(save_dir, step)) + ".tmp")
     rank = dist.get_rank()
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -157,29 +171,51 @@ def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
     return final
 
 
-def find_checkpoint(path: str | Path) -> Optional[Path]:
-    """A checkpoint directory from a path that is either one (``iter_*``) or a run dir (its latest)."""
+def is_complete(ckpt: Path) -> bool:
+    """A checkpoint directory is complete once its ``train_state.json`` exists (written last, then renamed)."""
+    return (ckpt / "train_state.json").is_file()
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every complete ``iter_*`` checkpoint of a run directory, oldest first."""
+    return sorted(p for p in Path(run_dir).glob("iter_*")
+                  if p.is_dir() and not p.name.endswith(".tmp") and is_complete(p))
+
+
+def find_checkpoint(path: str | Path, required: bool = True, what: str = "") -> Optional[Path]:
+    """The checkpoint directory that ``path`` names: ``path`` itself when it is one (``iter_*``), else the run
+    directory's latest complete checkpoint (``latest``, or the newest complete ``iter_*`` when ``latest`` is
+    missing or names an incomplete one).
+
+    None when there is none and ``required`` is False; otherwise a FileNotFoundError naming ``path`` (and the
+    option ``what`` it came from, e.g. ``--resume``)."""
     path = Path(path)
-    if (path / "train_state.json").is_file():
+    if is_complete(path):
         return path
     latest = path / LATEST
     if latest.is_file():
-        candidate = _iter_dir(path, int(latest.read_text().strip()))
-        if (candidate / "train_state.json").is_file():
+        candidate = iter_dir(path, int(latest.read_text().strip()))
+        if is_complete(candidate):
             return candidate
-    complete = sorted(p for p in path.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
-                      and (p / "train_state.json").is_file())
-    return complete[-1] if complete else None
+    complete = complete_checkpoints(path)
+    if complete:
+        return complete[-1]
+    if not required:
+        return None
+    where = f"{what}={path}" if what else str(path)
+    raise FileNotFoundError(f"{where}: no complete engmoe checkpoint there (no complete checkpoint directory: "
+                            "expected an iter_* directory with train_state.json, or a run directory with a "
+                            "'latest' file)")
 
 
-def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[BucketAdamW],
+def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[CheckpointableOptimizer],
                     load_moments: bool = True) -> dict:
     """Load weights into this rank's shards (and, given an optimizer, its fp32 master weights and — unless
     ``load_moments`` is False, a fresh optimizer for a new stage — its moments); return train_state."""
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
-    if not (ckpt / "train_state.json").is_file():
+    if not is_complete(ckpt):
         raise FileNotFoundError(f"{ckpt}: not a complete engmoe checkpoint (train_state.json missing)")
     # weights are stored in fp32: read them into fp32 host buffers where the parameters are not fp32 (no
     # device-memory spike at resume: the buffers are only copied into the parameters and the masters)

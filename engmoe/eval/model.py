@@ -68,14 +68,11 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: Op
     import json
 
     from engmoe.checkpoint.full import ensure_single_process
-    from engmoe.export.tokenizer_files import find_tokenizer
-    from engmoe.model import build_model
     from engmoe.checkpoint.sharded import find_checkpoint, load_checkpoint
+    from engmoe.checkpoint.tokenizer import find_tokenizer
+    from engmoe.model import build_model
 
     found = find_checkpoint(checkpoint)
-    if found is None:
-        raise FileNotFoundError(f"{checkpoint}: no complete engmoe checkpoint (an iter_* directory with "
-                                "train_state.json, or a run directory with a 'latest' file)")
     cfg = apply_overrides(config_from_yaml_file(found / "config.yaml"), overrides, str(found / "config.yaml"))
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype: expected fp32 or bf16, got {dtype!r}")

@@ -16,11 +16,12 @@ from typing import Optional
 
 import torch
 
-from engmoe.export.architectures import TokenIds, choose_architecture, generation_config, hf_config
 from engmoe.checkpoint.full import CheckpointReader
+from engmoe.checkpoint.tokenizer import find_tokenizer
+from engmoe.export.architectures import TokenIds, choose_architecture, generation_config, hf_config
 from engmoe.export.convert import globals_to_hf, layer_to_hf
 from engmoe.export.safetensors_io import ShardedSafetensorsWriter
-from engmoe.export.tokenizer_files import find_tokenizer, token_ids, write_tokenizer_files
+from engmoe.export.tokenizer_files import token_ids, write_tokenizer_files
 
 DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "fp32": (torch.float32, "float32")}
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from engmoe.config import Config
-from engmoe.data.tokenizer import BOS, EOD, PAD, UNK, Tokenizer, load_tokenizer
+from engmoe.data.tokenizer import BOS, EOD, PAD, UNK, Tokenizer
 from engmoe.export.architectures import TokenIds
 from engmoe.data.chat_template import CHAT_TEMPLATE
 
@@ -22,26 +21,6 @@ END_OF_TURN = "<|im_end|>"
 
 def token_ids(tok: Tokenizer) -> TokenIds:
     return TokenIds(bos=tok.bos, eos=tok.eod, pad=tok.pad, end_of_turn=tok.special_ids[END_OF_TURN])
-
-
-def find_tokenizer(cfg: Config, explicit: Optional[str | Path] = None) -> Optional[Tokenizer]:
-    """The tokenizer a checkpoint was trained with: ``explicit``, else the config's ``data.tokenizer``, else
-    (for demo runs, ``data.blend`` unset) ``<data.data_root or data/demo>/tokenizer.json``; None if absent.
-
-    Relative paths resolve against the working directory, as they did for the training run."""
-    if explicit is not None:
-        return load_tokenizer(explicit)
-    if cfg.data.tokenizer:
-        path = Path(cfg.data.tokenizer)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer} (from the checkpoint's config.yaml) does "
-                                    "not exist here: pass --tokenizer PATH")
-        return load_tokenizer(path)
-    if cfg.data.blend is None:
-        demo = Path(cfg.data.data_root or "data/demo") / "tokenizer.json"
-        if demo.is_file():
-            return load_tokenizer(demo)
-    return None
 
 
 def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict[str, Any]:

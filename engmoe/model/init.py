@@ -13,7 +13,8 @@ import zlib
 
 import torch
 
-from engmoe.model.transformer import EngMoEModel, canonical_name
+from engmoe.model.transformer import EngMoEModel
+from engmoe.names import canonical_name
 
 
 def _generator(seed: int, key: str, device: torch.device) -> torch.Generator:

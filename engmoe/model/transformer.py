@@ -8,7 +8,6 @@ so a checkpoint reshards across pipeline layouts).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -233,14 +232,3 @@ class EngMoEModel(nn.Module):
         first_pad = self.vocab_size - start
         if first_pad < local:
             logits[..., max(first_pad, 0):] = -1e9  # finite: a shard of only padding must not give NaN
-
-
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
-
-
-def canonical_name(model: EngMoEModel, name: str) -> str:
-    """A parameter name with its layer index made global (stable across pipeline layouts)."""
-    m = _LAYER_RE.match(name)
-    if not m:
-        return name
-    return f"layers.{model.layers[int(m.group(1))].layer_number}." + name[m.end():]

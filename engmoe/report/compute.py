@@ -60,12 +60,9 @@ def _train_state(ckpt: Path) -> dict:
 
 def _all_states(run_dirs: list[Path]) -> list[tuple[Path, dict]]:
     """Every complete checkpoint of the given runs with its train state (parent search)."""
-    out = []
-    for run in run_dirs:
-        for ckpt in sorted(p for p in run.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")):
-            if (ckpt / "train_state.json").is_file():
-                out.append((ckpt, _train_state(ckpt)))
-    return out
+    from engmoe.checkpoint.sharded import complete_checkpoints
+
+    return [(ckpt, _train_state(ckpt)) for run in run_dirs for ckpt in complete_checkpoints(run)]
 
 
 def collect(run_dirs: list[str | Path]) -> list[StageCompute]:
@@ -79,8 +76,6 @@ def collect(run_dirs: list[str | Path]) -> list[StageCompute]:
     rows = []
     for run in runs:
         ckpt = find_checkpoint(run)
-        if ckpt is None:
-            raise FileNotFoundError(f"{run}: no complete checkpoint (train_state.json) found")
         st = _train_state(ckpt)
         for key in ("total_flops", "device_hours", "consumed_samples", "step"):
             if key not in st:

@@ -16,7 +16,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from engmoe.checkpoint import sharded as ckpt
+from engmoe.checkpoint.train_state import TrainState
 from engmoe.config import Config, ConfigError
 from engmoe.model import build_model_chunks, count_parameters, model_flops_per_token
 from engmoe.model.moe.balancing import update_expert_biases
@@ -31,7 +33,6 @@ from engmoe.parallel import grad_fusion, initialize_parallel
 from engmoe.parallel.context import shard_batch
 from engmoe.parallel.cpu_compat import cuda_to_cpu
 from engmoe.parallel.data_parallel import install_schedule_hooks, unwrap, wrap_data_parallel
-from engmoe.checkpoint import sharded as ckpt
 from engmoe.parallel.state import replica_group
 from engmoe.training.data import TrainData, build_train_data, rank_microbatches
 from engmoe.training.expert_load import COUNTS_TAG, IMAGE_TAG, ExpertLoadTracker, heatmap_image, layer_metrics
@@ -49,17 +50,6 @@ from engmoe.training.schedules import global_batch_at, lr_at, microbatches
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss with nan_policy=stop, too many skipped steps)."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    consumed_samples: int = 0
-    skipped_steps: int = 0
-    total_flops: float = 0.0
-    device_hours: float = 0.0
-    stage: str = ""
-    losses: list = field(default_factory=list)  # (step, lm loss) per step, for tests and plots
 
 
 def _loss_func(loss_mask: torch.Tensor, cp_group, per_token: torch.Tensor):
@@ -137,19 +127,15 @@ class Trainer:
 
     def _restore(self, resume: Optional[str]) -> None:
         stage = self.cfg.stage
-        found = ckpt.find_checkpoint(self.save_dir) if resume == "auto" else (
-            ckpt.find_checkpoint(resume) if resume else None)
-        if resume and resume != "auto" and found is None:
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there")
+        found = ckpt.find_checkpoint(self.save_dir, required=False) if resume == "auto" else (
+            ckpt.find_checkpoint(resume, what="--resume") if resume else None)
         if found is not None:
             saved = ckpt.load_checkpoint(found, self.models, self.optimizer)
             self.state = TrainState(**saved["trainer"])
             self.log(f"resumed from {found} at step {self.state.step} ({self.state.consumed_samples} samples)")
             return
         if stage.init_from:
-            source = ckpt.find_checkpoint(stage.init_from)
-            if source is None:
-                raise FileNotFoundError(f"stage.init_from={stage.init_from}: no complete checkpoint there")
+            source = ckpt.find_checkpoint(stage.init_from, what="stage.init_from")
             keep_optimizer = not self.cfg.optimizer.reset_on_stage_start
             saved = ckpt.load_checkpoint(source, self.models, self.optimizer, load_moments=keep_optimizer)
             prev = saved["trainer"]
@@ -280,7 +266,7 @@ class Trainer:
     def save(self) -> None:
         ckpt.save_checkpoint(self.save_dir, self.state.step, self.models, self.optimizer,
                              {"trainer": asdict(self.state)}, self.cfg)
-        self.log(f"saved checkpoint {ckpt._iter_dir(self.save_dir, self.state.step)}")
+        self.log(f"saved checkpoint {ckpt.iter_dir(self.save_dir, self.state.step)}")
 
     def _log_expert_load(self, last: bool) -> None:
         """Per-layer expert-load scalars for the log interval; the heatmap every expert_heatmap_interval steps.

@@ -38,7 +38,7 @@ def build_reference(cfg, seed: int = SEED):
 def save_tiny_checkpoint(save_dir: Path, overrides: Sequence[str] = (), seed: int = SEED, step: int = 3) -> Path:
     """Run dir with one checkpoint of the untrained tiny model (``overrides``: ``--set`` items)."""
     from engmoe.checkpoint.sharded import save_checkpoint
-    from engmoe.training.trainer import TrainState
+    from engmoe.checkpoint.train_state import TrainState
 
     cfg = tiny_config(save_dir, overrides)
     model = build_reference(cfg, seed)

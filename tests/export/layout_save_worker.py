@@ -36,7 +36,7 @@ def main() -> None:
     from engmoe.model import build_model
     from engmoe.parallel import destroy_parallel, initialize_parallel
     from engmoe.checkpoint.sharded import save_checkpoint
-    from engmoe.training.trainer import TrainState
+    from engmoe.checkpoint.train_state import TrainState
 
     for name, parallel in LAYOUTS.items():
         out = Path(args.out) / name

@@ -47,7 +47,7 @@ def test_stage_starts_from_imported_checkpoint(tiny_checkpoints, tmp_path):
     from engmoe.config import load_config
     from engmoe.checkpoint.full import CheckpointReader
     from engmoe.export.hf_import import import_hf
-    from engmoe.model.transformer import canonical_name
+    from engmoe.names import canonical_name
     from engmoe.training.trainer import Trainer
 
     _export(tiny_checkpoints["default"], tmp_path / "hf")

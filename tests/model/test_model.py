@@ -5,7 +5,8 @@ import torch
 
 from engmoe.config import load_config
 from engmoe.model import EngMoEModel, build_model, count_parameters, init_weights, model_flops_per_token
-from engmoe.model.transformer import canonical_name, split_layers
+from engmoe.model.transformer import split_layers
+from engmoe.names import canonical_name
 
 
 def _tiny():
