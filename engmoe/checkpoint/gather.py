@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engmoe.names import canonical_name
+from engmoe.parallel import tags
 
 
 def _full_bucket_grads(ddp_models: list[nn.Module]) -> dict[nn.Parameter, torch.Tensor]:
@@ -45,8 +46,9 @@ def _unshard(p: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
     """Undo tensor- and expert-parallel sharding of ``t`` (laid out like ``p``)."""
     from megatron.core import parallel_state as ps
 
-    if hasattr(p, "expert_shard"):
-        etp = getattr(p, "expert_tensor_shard", None)
+    dim = tags.tensor_parallel_dim(p)
+    if tags.is_expert(p):
+        etp = tags.expert_tensor_shard(p)
         if etp is not None and etp.size > 1:  # F-slices → whole experts
             group = ps.get_expert_tensor_parallel_group()
             parts = [torch.empty_like(t) for _ in range(etp.size)]
@@ -57,13 +59,13 @@ def _unshard(p: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, t.contiguous(), group=group)
             t = torch.cat(parts, dim=0)
-    elif getattr(p, "tensor_model_parallel", False):
+    elif dim is not None:
         group = ps.get_tensor_model_parallel_group()
         if dist.get_world_size(group) > 1:
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, t.contiguous(), group=group)
-            t = torch.cat(parts, dim=p.partition_dim)
-    rows = getattr(p, "vocab_rows", None)
+            t = torch.cat(parts, dim=dim)
+    rows = tags.vocab_rows(p)
     return t[:rows] if rows is not None else t
 
 

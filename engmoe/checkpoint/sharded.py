@@ -29,6 +29,7 @@ import torch.distributed as dist
 from engmoe.config import Config, save_config
 from engmoe.model.transformer import EngMoEModel
 from engmoe.names import canonical_name
+from engmoe.parallel import tags
 
 LATEST = "latest"
 
@@ -58,27 +59,28 @@ def _sharded_tensors(key: str, tensor: torch.Tensor, p: torch.nn.Parameter) -> d
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    if hasattr(p, "expert_shard"):
-        offset, total = p.expert_shard
+    if tags.is_expert(p):
+        offset, total = tags.expert_shard(p)
         local = p.shape[0]
-        etp = getattr(p, "expert_tensor_shard", None)
+        etp = tags.expert_tensor_shard(p)
         pieces = etp.pieces(tensor) if etp is not None else [("", tensor, None)]
         return {key + suffix: ShardedTensor.from_rank_offsets(
                     key, data, (0, offset // local, total // local), *([frag] if frag is not None else []),
                     replica_id=ps.get_expert_data_parallel_rank())
                 for suffix, data, frag in pieces}
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-    if getattr(p, "tensor_model_parallel", False):
+    dim = tags.tensor_parallel_dim(p)
+    if dim is not None:
         tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        return {key: ShardedTensor.from_rank_offsets(key, tensor, (p.partition_dim, tp_rank, tp), replica_id=dp_rank,
-                                                     allow_shape_mismatch=hasattr(p, "vocab_rows"))}
+        return {key: ShardedTensor.from_rank_offsets(key, tensor, (dim, tp_rank, tp), replica_id=dp_rank,
+                                                     allow_shape_mismatch=tags.vocab_rows(p) is not None)}
     return {key: ShardedTensor.from_rank_offsets(key, tensor,
                                                  replica_id=(ps.get_tensor_model_parallel_rank(), dp_rank))}
 
 
 def _local_tensor(loaded: dict, key: str, p: torch.nn.Parameter) -> torch.Tensor:
     """This rank's tensor for parameter ``p`` from the loaded pieces of ``_sharded_tensors(key, …)``."""
-    etp = getattr(p, "expert_tensor_shard", None)
+    etp = tags.expert_tensor_shard(p)
     if etp is None or etp.size == 1:
         return loaded[key]
     return etp.join([loaded[key + suffix] for suffix, _, _ in etp.pieces(p.data)])

@@ -16,6 +16,7 @@ from engmoe.config import ConfigError, ModelConfig
 from engmoe.kernels.attention import attention
 from engmoe.model.rope import apply_rotary
 from engmoe.parallel.context import context_parallel_attention
+from engmoe.parallel.tags import mark_tensor_parallel
 
 
 class SelfAttention(nn.Module):
@@ -39,9 +40,8 @@ class SelfAttention(nn.Module):
         self.linear_proj = tensor_parallel.RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, config=layer_config,
             init_method=output_init_method, bias=False, input_is_parallel=True, skip_bias_add=False)
-        # megatron sets these only when it initialises the weights itself (we do our own init)
-        tensor_parallel.set_tensor_model_parallel_attributes(self.linear_qkv.weight, True, 0, 1)
-        tensor_parallel.set_tensor_model_parallel_attributes(self.linear_proj.weight, True, 1, 1)
+        mark_tensor_parallel(self.linear_qkv.weight, 0)
+        mark_tensor_parallel(self.linear_proj.weight, 1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 doc_ids: Optional[torch.Tensor] = None, cp_plan=None, kv=None) -> torch.Tensor:

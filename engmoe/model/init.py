@@ -15,6 +15,7 @@ import torch
 
 from engmoe.model.transformer import EngMoEModel
 from engmoe.names import canonical_name
+from engmoe.parallel import tags
 
 
 def _generator(seed: int, key: str, device: torch.device) -> torch.Generator:
@@ -41,9 +42,9 @@ def init_weights(model: EngMoEModel, seed: int) -> None:
             p.fill_(1.0)
             continue
         std = _std_for(name, model)
-        if hasattr(p, "expert_shard"):
-            offset, _ = p.expert_shard
-            etp = getattr(p, "expert_tensor_shard", None)  # expert tensor parallelism: an F-slice of each
+        if tags.is_expert(p):
+            offset, _ = tags.expert_shard(p)
+            etp = tags.expert_tensor_shard(p)  # expert tensor parallelism: an F-slice of each
             full_shape = etp.full_shape(p.shape[1:]) if etp is not None else p.shape[1:]
             for i in range(p.shape[0]):
                 g = _generator(seed, f"{name}#{offset + i}", p.device)
@@ -51,11 +52,11 @@ def init_weights(model: EngMoEModel, seed: int) -> None:
                 p[i].copy_(etp.local(full) if etp is not None else full)
             continue
         g = _generator(seed, name, p.device)
-        if getattr(p, "tensor_model_parallel", False):
-            dim = p.partition_dim
+        dim = tags.tensor_parallel_dim(p)
+        if dim is not None:
             full_shape = list(p.shape)
             full_shape[dim] *= tp
-            vocab_rows = getattr(p, "vocab_rows", None)
+            vocab_rows = tags.vocab_rows(p)
             if vocab_rows is not None:  # draw the real rows only: padding depends on tp, values must not
                 full = torch.zeros(full_shape, device=p.device, dtype=torch.float32)
                 full[:vocab_rows] = torch.randn([vocab_rows, *full_shape[1:]], generator=g, device=p.device) * std

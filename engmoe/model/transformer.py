@@ -22,6 +22,7 @@ from engmoe.model.moe import MoELayer
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding
 from engmoe.parallel.context import ContextParallelPlan
+from engmoe.parallel.tags import mark_sequence_parallel, mark_tensor_parallel, mark_vocab_rows
 
 
 @dataclass
@@ -120,9 +121,8 @@ class EngMoEModel(nn.Module):
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 self.padded_vocab_size, cfg.hidden_size, init_method=_normal_init(std), config=layer_config,
                 reduce_scatter_embeddings=parallel.sequence_parallel)
-            self.embedding.weight.vocab_rows = cfg.vocab_size
-            # megatron marks TP weights only when it initialises them itself (we do our own init)
-            tensor_parallel.set_tensor_model_parallel_attributes(self.embedding.weight, True, 0, 1)
+            mark_vocab_rows(self.embedding.weight, cfg.vocab_size)
+            mark_tensor_parallel(self.embedding.weight, 0)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
         n_local = cfg.num_layers if num_local_layers is None else num_local_layers
         self.layers = nn.ModuleList(
@@ -139,12 +139,12 @@ class EngMoEModel(nn.Module):
                 cfg.hidden_size, self.padded_vocab_size, config=layer_config, init_method=_normal_init(std),
                 bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings)
             if not cfg.tie_embeddings:
-                self.output_layer.weight.vocab_rows = cfg.vocab_size
-                tensor_parallel.set_tensor_model_parallel_attributes(self.output_layer.weight, True, 0, 1)
+                mark_vocab_rows(self.output_layer.weight, cfg.vocab_size)
+                mark_tensor_parallel(self.output_layer.weight, 0)
         if parallel.sequence_parallel:
             for name, p in self.named_parameters():
                 if name.endswith("norm.weight") or name.endswith("router.weight"):
-                    p.sequence_parallel = True  # megatron all-reduces these grads over the TP group
+                    mark_sequence_parallel(p)  # megatron all-reduces these grads over the TP group
         self.input_tensor: Optional[torch.Tensor] = None
 
     # -- pipeline plumbing (megatron-core schedules call this) ---------------------------------------

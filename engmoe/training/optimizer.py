@@ -37,10 +37,7 @@ from torch import nn
 
 from engmoe.config import OptimizerConfig
 from engmoe.parallel.data_parallel import finish_param_gather, start_param_gather
-
-
-def is_expert(p: torch.nn.Parameter) -> bool:
-    return hasattr(p, "expert_shard")
+from engmoe.parallel.tags import is_expert, tensor_parallel_dim
 
 
 @dataclass
@@ -122,7 +119,7 @@ class BucketAdamW:
             a, b = max(lo, p_lo), min(hi, p_hi)
             if a >= b:
                 continue
-            counted = is_expert(p) or getattr(p, "tensor_model_parallel", False) or tp_rank == 0
+            counted = is_expert(p) or tensor_parallel_dim(p) is not None or tp_rank == 0
             values = p.detach().view(-1)[a - p_lo:b - p_lo]
             master = values if values.dtype == torch.float32 else values.float()  # float() copies: the master
             seg = _Segment(p, a - p_lo, b - p_lo, values, master, bucket.grad_data[a:b],

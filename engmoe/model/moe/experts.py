@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engmoe.kernels import MoEKernels, grouped, wgrad
+from engmoe.parallel.tags import mark_expert_shard
 
 
 class GroupedExperts(nn.Module):
@@ -25,8 +26,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size,
                                            device=device, dtype=dtype))
         for p in (self.w13, self.w2):
-            p.expert_shard = (expert_offset, num_experts)  # type: ignore[attr-defined]
-            p.allreduce = False  # type: ignore[attr-defined]  # megatron: expert grads reduce over expert-DP
+            mark_expert_shard(p, expert_offset, num_experts)
         # set by engmoe.parallel.grad_fusion once DDP has given the weights their fp32 main_grad buffers
         self.gradient_accumulation_fusion = False
 

@@ -46,6 +46,7 @@ class MoELayer(nn.Module):
         super().__init__()
         from engmoe.config import ConfigError
         from engmoe.parallel.expert_tensor import ExpertTensorShard, expert_tensor_group
+        from engmoe.parallel.tags import mark_expert_tensor_shard
 
         if moe.num_experts % ep_size != 0:
             raise ConfigError(f"parallel.expert={ep_size} must divide model.moe.num_experts={moe.num_experts}")
@@ -63,7 +64,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(local, ep_rank * local, moe.num_experts, hidden_size,
                                       moe.expert_intermediate_size // etp, device=device, dtype=dtype)
         for p, glu in ((self.experts.w13, True), (self.experts.w2, False)):
-            p.expert_tensor_shard = ExpertTensorShard(etp_rank, etp, glu)  # type: ignore[attr-defined]
+            mark_expert_tensor_shard(p, ExpertTensorShard(etp_rank, etp, glu))
         if ep_size > 1 and ep_group is None:
             raise ValueError("MoELayer: ep_size > 1 needs the expert-parallel process group")
         self.dispatcher = make_dispatcher(moe.num_experts, moe.top_k, ep_group if ep_size > 1 else None, etp_group,
