@@ -27,7 +27,8 @@ def _smoke(args) -> int:
     cfg = load_config(model=args.model, overrides=args.set)
     env = initialize_parallel(cfg.parallel)
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-    model = build_model(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=env.device, params_dtype=dtype)
+    model = build_model(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=env.device, params_dtype=dtype,
+                        env=env)
     print(f"model {cfg.model.name}: {count_parameters(cfg.model).summary()} on {env.device}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)

@@ -26,14 +26,13 @@ def ensure_single_process() -> None:
 
     Export/import are single-process tools; in a multi-rank job they would all write the same files."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from engmoe.parallel import initialize_parallel
+    from engmoe.parallel import initialize_parallel, is_initialized
 
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise RuntimeError(f"HF export/import runs in one process, but torch.distributed has world size "
                            f"{dist.get_world_size()}: run it without torchrun")
-    if not ps.model_parallel_is_initialized():
+    if not is_initialized():
         initialize_parallel(ParallelConfig(), backend="gloo")
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engmoe.names import canonical_name
-from engmoe.parallel import tags
+from engmoe.parallel import ParallelEnv, tags
 
 
 def _full_bucket_grads(ddp_models: list[nn.Module]) -> dict[nn.Parameter, torch.Tensor]:
@@ -42,25 +42,23 @@ def _full_bucket_grads(ddp_models: list[nn.Module]) -> dict[nn.Parameter, torch.
     return out
 
 
-def _unshard(p: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
-    """Undo tensor- and expert-parallel sharding of ``t`` (laid out like ``p``)."""
-    from megatron.core import parallel_state as ps
-
+def _unshard(p: nn.Parameter, t: torch.Tensor, env: ParallelEnv) -> torch.Tensor:
+    """Undo tensor- and expert-parallel sharding of ``t`` (laid out like ``p``, of a model built for ``env``)."""
     dim = tags.tensor_parallel_dim(p)
     if tags.is_expert(p):
         etp = tags.expert_tensor_shard(p)
         if etp is not None and etp.size > 1:  # F-slices → whole experts
-            group = ps.get_expert_tensor_parallel_group()
+            group = env.etp_group
             parts = [torch.empty_like(t) for _ in range(etp.size)]
             dist.all_gather(parts, t.contiguous(), group=group)
             t = etp.full(parts)
-        group = ps.get_expert_model_parallel_group()
+        group = env.ep_group
         if dist.get_world_size(group) > 1:
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, t.contiguous(), group=group)
             t = torch.cat(parts, dim=0)
     elif dim is not None:
-        group = ps.get_tensor_model_parallel_group()
+        group = env.tp_group
         if dist.get_world_size(group) > 1:
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, t.contiguous(), group=group)
@@ -80,7 +78,7 @@ def gather_full(models: list[nn.Module], ddp_models: Optional[list[nn.Module]] =
     for m in models:
         for name, p in m.named_parameters():
             t = source[p] if grads else p.detach()
-            local[canonical_name(m, name)] = _unshard(p, t).detach().cpu().clone()  # own storage: no views
+            local[canonical_name(m, name)] = _unshard(p, t, m.env).detach().cpu().clone()  # own storage: no views
     everything: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, everything, dst=0)
     merged: dict[str, torch.Tensor] = {}

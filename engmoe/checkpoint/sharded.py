@@ -29,7 +29,7 @@ import torch.distributed as dist
 from engmoe.config import Config, save_config
 from engmoe.model.transformer import EngMoEModel
 from engmoe.names import canonical_name
-from engmoe.parallel import tags
+from engmoe.parallel import ParallelEnv, tags
 
 LATEST = "latest"
 
@@ -52,11 +52,10 @@ def iter_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f"iter_{step:07d}"
 
 
-def _sharded_tensors(key: str, tensor: torch.Tensor, p: torch.nn.Parameter) -> dict:
+def _sharded_tensors(key: str, tensor: torch.Tensor, p: torch.nn.Parameter, env: ParallelEnv) -> dict:
     """ShardedTensors for ``tensor`` laid out like parameter ``p`` on this rank, by state-dict key: one
     under ``key``, except a ``w13`` under expert tensor parallelism, whose gate and up slices are two
     fragments of the global ``[E, H, 2F]`` tensor (``key`` and ``key + ".up"``, both of global key ``key``)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
 
     if tags.is_expert(p):
@@ -66,16 +65,16 @@ def _sharded_tensors(key: str, tensor: torch.Tensor, p: torch.nn.Parameter) -> d
         pieces = etp.pieces(tensor) if etp is not None else [("", tensor, None)]
         return {key + suffix: ShardedTensor.from_rank_offsets(
                     key, data, (0, offset // local, total // local), *([frag] if frag is not None else []),
-                    replica_id=ps.get_expert_data_parallel_rank())
+                    replica_id=env.expert_dp_rank)
                 for suffix, data, frag in pieces}
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    dp_rank = env.dp_cp_rank
     dim = tags.tensor_parallel_dim(p)
     if dim is not None:
-        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        tp, tp_rank = env.tp, env.tp_rank
         return {key: ShardedTensor.from_rank_offsets(key, tensor, (dim, tp_rank, tp), replica_id=dp_rank,
                                                      allow_shape_mismatch=tags.vocab_rows(p) is not None)}
     return {key: ShardedTensor.from_rank_offsets(key, tensor,
-                                                 replica_id=(ps.get_tensor_model_parallel_rank(), dp_rank))}
+                                                 replica_id=(env.tp_rank, dp_rank))}
 
 
 def _local_tensor(loaded: dict, key: str, p: torch.nn.Parameter) -> torch.Tensor:
@@ -88,12 +87,13 @@ def _local_tensor(loaded: dict, key: str, p: torch.nn.Parameter) -> torch.Tensor
 
 def model_sharded_state_dict(models: list[EngMoEModel], weights: Optional[dict] = None) -> dict:
     """The weights by global name: ``weights[p]`` where given (the optimizer's fp32 masters of bf16
-    parameters, or fp32 buffers to load into), else the parameters themselves."""
+    parameters, or fp32 buffers to load into), else the parameters themselves. Sharded as the models'
+    layout (``model.env``) shards them."""
     out = {}
     for m in models:
         for name, p in m.named_parameters():
             key = f"model.{canonical_name(m, name)}"
-            out.update(_sharded_tensors(key, weights[p] if weights is not None else p.data, p))
+            out.update(_sharded_tensors(key, weights[p] if weights is not None else p.data, p, m.env))
     return out
 
 
@@ -119,7 +119,7 @@ def optimizer_sharded_state_dict(models: list[EngMoEModel], moments: dict) -> di
         for name, p in m.named_parameters():
             for moment in MOMENTS:
                 key = f"optimizer.{moment}.{canonical_name(m, name)}"
-                out.update(_sharded_tensors(key, moments[p][moment], p))
+                out.update(_sharded_tensors(key, moments[p][moment], p, m.env))
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 from engmoe.config import ModelConfig, ParallelConfig
 from engmoe.model.init import init_weights
 from engmoe.model.transformer import EngMoEModel, split_layers
+from engmoe.parallel import ParallelEnv, current_env
 
 
 def virtual_stage_layers(cfg: ModelConfig, parallel: ParallelConfig) -> list[int]:
@@ -22,22 +23,22 @@ def virtual_stage_layers(cfg: ModelConfig, parallel: ParallelConfig) -> list[int
 
 def build_model_chunks(cfg: ModelConfig, parallel: ParallelConfig | None = None, seed: int = 1234,
                        device: torch.device | str | None = None, params_dtype: torch.dtype = torch.float32,
-                       pp_rank: int | None = None) -> list[EngMoEModel]:
+                       pp_rank: int | None = None, env: ParallelEnv | None = None) -> list[EngMoEModel]:
     """The model chunks of pipeline rank ``pp_rank`` (default: this rank's), in schedule order, with
-    layout-independent initial weights."""
-    from megatron.core import parallel_state as ps
-
+    layout-independent initial weights. ``env``: this rank's process groups (default: the layout
+    ``initialize_parallel`` set up)."""
     parallel = parallel or ParallelConfig()
+    env = env or current_env()
     pp, v = parallel.pipeline, parallel.virtual_stages
     if pp_rank is None:
-        pp_rank = ps.get_pipeline_model_parallel_rank() if pp > 1 else 0
+        pp_rank = env.pp_rank if pp > 1 else 0
     per_stage = virtual_stage_layers(cfg, parallel)
     chunks = []
     for i in range(v):
         stage = i * pp + pp_rank
         model = EngMoEModel(cfg, parallel, pre_process=stage == 0, post_process=stage == pp * v - 1,
                             layer_offset=sum(per_stage[:stage]), num_local_layers=per_stage[stage],
-                            device=device, params_dtype=params_dtype)
+                            device=device, params_dtype=params_dtype, env=env)
         if v > 1:
             model.vp_stage = i  # megatron's interleaved schedule checks it against the chunk it runs
         init_weights(model, seed)
@@ -47,9 +48,9 @@ def build_model_chunks(cfg: ModelConfig, parallel: ParallelConfig | None = None,
 
 def build_model(cfg: ModelConfig, parallel: ParallelConfig | None = None, seed: int = 1234,
                 device: torch.device | str | None = None, params_dtype: torch.dtype = torch.float32,
-                pp_rank: int | None = None) -> EngMoEModel:
+                pp_rank: int | None = None, env: ParallelEnv | None = None) -> EngMoEModel:
     """The pipeline stage ``pp_rank`` (default: this rank's); see ``build_model_chunks`` for interleaving."""
     parallel = parallel or ParallelConfig()
     if parallel.virtual_stages > 1:
         raise ValueError("parallel.virtual_pipeline is set: a rank holds several model chunks, use build_model_chunks")
-    return build_model_chunks(cfg, parallel, seed, device, params_dtype, pp_rank)[0]
+    return build_model_chunks(cfg, parallel, seed, device, params_dtype, pp_rank, env)[0]

@@ -33,9 +33,8 @@ def _std_for(name: str, model: EngMoEModel) -> float:
 
 @torch.no_grad()
 def init_weights(model: EngMoEModel, seed: int) -> None:
-    from megatron.core import parallel_state as ps
-
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    """Draw every parameter of ``model`` for ``seed``, sliced to the shards of its layout (``model.env``)."""
+    tp, tp_rank = model.env.tp, model.env.tp_rank
     for local_name, p in model.named_parameters():
         name = canonical_name(model, local_name)
         if name.endswith("norm.weight"):

@@ -21,6 +21,7 @@ from engmoe.kernels.cross_entropy import fused_cross_entropy
 from engmoe.model.moe import MoELayer
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding
+from engmoe.parallel import ParallelEnv
 from engmoe.parallel.context import ContextParallelPlan
 from engmoe.parallel.tags import mark_sequence_parallel, mark_tensor_parallel, mark_vocab_rows
 
@@ -47,7 +48,8 @@ def _normal_init(std: float):
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, layer_config, ep_size: int, ep_rank: int,
-                 device, dtype, ep_group=None, token_group=None, a2a_chunks: int = 1, batch_group=None):
+                 device, dtype, ep_group=None, token_group=None, etp_group=None, a2a_chunks: int = 1,
+                 batch_group=None):
         super().__init__()
         self.layer_number = layer_number
         std = cfg.init_std
@@ -56,8 +58,8 @@ class TransformerLayer(nn.Module):
         self.attention = SelfAttention(cfg, layer_config, _normal_init(std), _normal_init(out_std))
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = MoELayer(cfg.hidden_size, cfg.moe, ep_size=ep_size, ep_rank=ep_rank, device=device, dtype=dtype,
-                            ep_group=ep_group, token_group=token_group, a2a_chunks=a2a_chunks,
-                            batch_group=batch_group)
+                            ep_group=ep_group, token_group=token_group, etp_group=etp_group,
+                            a2a_chunks=a2a_chunks, batch_group=batch_group)
         self.mlp.layer_number = layer_number  # global: rows of the expert-load statistics
 
     def forward(self, x, rotary, doc_ids=None, cp_plan=None, kv=None):
@@ -83,15 +85,18 @@ class EngMoEModel(nn.Module):
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None, *,
                  pre_process: bool = True, post_process: bool = True,
                  layer_offset: int = 0, num_local_layers: Optional[int] = None,
-                 device: torch.device | str | None = None, params_dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, params_dtype: torch.dtype = torch.float32,
+                 env: ParallelEnv | None = None):
+        """``env``: the process groups of this rank (default: the layout ``initialize_parallel`` set up)."""
         super().__init__()
-        from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
 
-        from engmoe.parallel import megatron_layer_config
-        from engmoe.parallel import state as parallel_groups
+        from engmoe.parallel import current_env, megatron_layer_config
+        from engmoe.parallel.state import batch_group as stage_batch_group
 
         parallel = parallel or ParallelConfig()
+        env = env or current_env()
+        self.env = env
         device = torch.device(device) if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
         self.cfg = cfg
@@ -108,12 +113,13 @@ class EngMoEModel(nn.Module):
         self.vocab_size = cfg.vocab_size
         self.padded_vocab_size = cfg.padded_vocab_size(tp)
         std = cfg.init_std
-        ep_rank = ps.get_expert_model_parallel_rank() if parallel.expert > 1 else 0
-        ep_group = ps.get_expert_model_parallel_group() if parallel.expert > 1 else None
+        ep_rank = env.ep_rank if parallel.expert > 1 else 0
+        ep_group = env.ep_group if parallel.expert > 1 else None
         # the ranks that split a micro-batch's tokens (sequence parallel × context parallel)
-        token_group = ps.get_tensor_and_context_parallel_group() if parallel.tensor * parallel.context > 1 else None
-        self.cp_group = ps.get_context_parallel_group() if parallel.context > 1 else None
-        batch_group = parallel_groups.batch_group() if cfg.moe.lb_scope == "global_batch" else None
+        token_group = env.token_group if parallel.tensor * parallel.context > 1 else None
+        etp_group = env.etp_group if env.etp > 1 else None
+        self.cp_group = env.cp_group if parallel.context > 1 else None
+        batch_group = stage_batch_group(env) if cfg.moe.lb_scope == "global_batch" else None
         # megatron's finalize_model_grads asks: tied weights never span pipeline stages here
         self.share_embeddings_and_output_weights = False
 
@@ -127,7 +133,7 @@ class EngMoEModel(nn.Module):
         n_local = cfg.num_layers if num_local_layers is None else num_local_layers
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, layer_offset + i, layer_config, parallel.expert, ep_rank, device, params_dtype,
-                             ep_group, token_group,
+                             ep_group, token_group, etp_group,
                              a2a_chunks=parallel.moe_a2a_chunks if parallel.moe_a2a_overlap else 1,
                              batch_group=batch_group)
             for i in range(n_local))
@@ -212,23 +218,19 @@ class EngMoEModel(nn.Module):
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy ``[B, S]`` (fp32) from this rank's vocabulary shard of ``[S, B, V/tp]``."""
-        from megatron.core import parallel_state as ps
-
         target = labels.t().contiguous()
         if self.cfg.cross_entropy == "megatron":
             from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
             return vocab_parallel_cross_entropy(logits.float(), target).t()
-        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+        group = self.env.tp_group if self.env.tp > 1 else None
+        start = self.env.tp_rank * logits.shape[-1]
         return fused_cross_entropy(logits, target, start, group).t()
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
         """Padding columns of the output table never win the softmax (and get no gradient)."""
-        from megatron.core import parallel_state as ps
-
         local = logits.shape[-1]
-        start = ps.get_tensor_model_parallel_rank() * local
+        start = self.env.tp_rank * local
         first_pad = self.vocab_size - start
         if first_pad < local:
             logits[..., max(first_pad, 0):] = -1e9  # finite: a shard of only padding must not give NaN

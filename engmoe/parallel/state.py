@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -17,8 +17,37 @@ from engmoe.parallel.cpu_compat import apply_cpu_compat
 
 
 @dataclass(frozen=True)
+class MegatronSizes:
+    """``ParallelConfig``'s sizes under megatron-core's argument names, written down once: both
+    ``initialize_model_parallel`` and ``TransformerConfig`` take them as these keywords."""
+
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    virtual_pipeline_model_parallel_size: int | None
+    context_parallel_size: int
+    expert_model_parallel_size: int
+    expert_tensor_parallel_size: int
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig) -> "MegatronSizes":
+        return cls(tensor_model_parallel_size=parallel.tensor,
+                   pipeline_model_parallel_size=parallel.pipeline,
+                   virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+                   context_parallel_size=parallel.context,
+                   expert_model_parallel_size=parallel.expert,
+                   expert_tensor_parallel_size=parallel.expert_tensor)
+
+    def kwargs(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ParallelEnv:
-    """Sizes and ranks of the current process, as megatron-core sees them."""
+    """Sizes, ranks and process groups of the current process, as megatron-core sees them.
+
+    The one place outside ``engmoe.parallel`` gets its groups from (model, init, optimizer, checkpoint,
+    trainer): nothing else asks megatron's ``parallel_state``. Every group exists, of size 1 where that
+    kind of parallelism is off."""
 
     world_size: int
     rank: int
@@ -35,6 +64,21 @@ class ParallelEnv:
     ep_rank: int
     dp_rank: int
     device: torch.device
+    etp_rank: int
+    dp_cp_rank: int  # rank in the data×context-parallel group (dense parameters' replicas)
+    expert_dp_rank: int  # rank among the replicas of this rank's experts
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    cp_group: dist.ProcessGroup
+    ep_group: dist.ProcessGroup
+    etp_group: dist.ProcessGroup
+    token_group: dist.ProcessGroup  # tensor × context: the ranks that split one micro-batch's tokens
+    batch_group: dist.ProcessGroup  # tensor × data × context: the ranks that hold one stage's global batch
+    dp_group: dist.ProcessGroup  # data parallel, without context parallelism (who reads which samples)
+    dp_cp_group: dist.ProcessGroup  # data × context: the ranks that average the dense gradients
+    expert_dp_group: dist.ProcessGroup  # the replicas of this rank's experts
+    mp_group: dist.ProcessGroup  # tensor × pipeline: the ranks that hold distinct dense elements
+    expert_mp_group: dist.ProcessGroup  # expert-tensor × expert × pipeline: the same for expert elements
 
     def describe(self) -> str:
         """``tp2·pp2(v2)·cp1·dp1 | ep2`` (``… | ep2·etp2`` with expert tensor parallelism): the layout as one
@@ -86,13 +130,9 @@ def initialize_parallel(parallel: ParallelConfig, num_layers: int | None = None,
     dp = parallel.check_world(world)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    sizes = MegatronSizes.of(parallel)
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
+        **sizes.kwargs(),
         # our default group is already gloo on CPU; the extra gloo copies only serve megatron's own
         # optimizers (not used here) and would double the group-creation time
         create_gloo_process_groups=False,
@@ -100,12 +140,12 @@ def initialize_parallel(parallel: ParallelConfig, num_layers: int | None = None,
     _ENV = ParallelEnv(
         world_size=world,
         rank=dist.get_rank(),
-        tp=parallel.tensor,
-        pp=parallel.pipeline,
-        vpp=parallel.virtual_pipeline,
-        cp=parallel.context,
-        ep=parallel.expert,
-        etp=parallel.expert_tensor,
+        tp=sizes.tensor_model_parallel_size,
+        pp=sizes.pipeline_model_parallel_size,
+        vpp=sizes.virtual_pipeline_model_parallel_size,
+        cp=sizes.context_parallel_size,
+        ep=sizes.expert_model_parallel_size,
+        etp=sizes.expert_tensor_parallel_size,
         dp=dp,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
@@ -113,14 +153,38 @@ def initialize_parallel(parallel: ParallelConfig, num_layers: int | None = None,
         ep_rank=ps.get_expert_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        dp_cp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        token_group=ps.get_tensor_and_context_parallel_group(),
+        batch_group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+        mp_group=ps.get_model_parallel_group(),
+        expert_mp_group=ps.get_expert_tensor_model_pipeline_parallel_group(),
     )
     return _ENV
 
 
-def get_env() -> ParallelEnv:
+def current_env() -> ParallelEnv:
+    """The layout ``initialize_parallel`` set up in this process (what the model, optimizer and checkpoint
+    use when no ``ParallelEnv`` is passed to them)."""
     if _ENV is None:
         raise RuntimeError("engmoe.parallel.initialize_parallel() has not been called in this process")
     return _ENV
+
+
+def is_initialized() -> bool:
+    """Whether ``initialize_parallel`` has set up megatron-core's groups in this process."""
+    from megatron.core import parallel_state as ps
+
+    return _ENV is not None and ps.model_parallel_is_initialized()
 
 
 def destroy_parallel() -> None:
@@ -135,33 +199,19 @@ def destroy_parallel() -> None:
     _ENV = None
 
 
-def token_group():
-    """The ranks that split one micro-batch's tokens between them: tensor (sequence-parallel) × context.
-
-    The MoE load-balancing statistics of a micro-batch are summed over this group so that every layout
-    computes the loss of the whole micro-batch (as one process would)."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_and_context_parallel_group()
-
-
-def batch_group():
+def batch_group(env: ParallelEnv | None = None):
     """The ranks of one pipeline stage that hold the global batch between them: tensor × data × context.
 
     The global-batch load-balancing loss sums each micro-batch's expert counts over this group (megatron's
     ``tp_dp_cp`` group); None when it is one rank."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    group = (env or current_env()).batch_group
     return group if dist.get_world_size(group) > 1 else None
 
 
-def replica_group():
+def replica_group(env: ParallelEnv | None = None):
     """The data-parallel ranks of a stage without the context-parallel ones: after the token group's sum
     (tensor × context) a sum over this group covers every token of the step. None when it is one rank."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_data_parallel_group(with_context_parallel=False)
+    group = (env or current_env()).dp_group
     return group if dist.get_world_size(group) > 1 else None
 
 
@@ -191,12 +241,7 @@ def megatron_layer_config(parallel: ParallelConfig, params_dtype: torch.dtype, d
         moe_ffn_hidden_size=model.moe.expert_intermediate_size,
         pipeline_dtype=params_dtype,
         add_bias_linear=False,
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
+        **MegatronSizes.of(parallel).kwargs(),
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         perform_initialization=False,

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engmoe.config import OptimizerConfig
+from engmoe.parallel import ParallelEnv, current_env
 from engmoe.parallel.data_parallel import finish_param_gather, start_param_gather
 from engmoe.parallel.tags import is_expert, tensor_parallel_dim
 
@@ -72,12 +73,13 @@ class _BucketShard:
 class BucketAdamW:
     """AdamW on DDP-wrapped model chunks (see module docstring). ``param_groups`` is the LR handle."""
 
-    def __init__(self, ddp_models: list[nn.Module], opt: OptimizerConfig, distributed: bool):
-        from megatron.core import parallel_state as ps
-
+    def __init__(self, ddp_models: list[nn.Module], opt: OptimizerConfig, distributed: bool,
+                 env: ParallelEnv | None = None):
+        """``env``: this rank's process groups (default: the layout ``initialize_parallel`` set up)."""
         self.ddp_models = ddp_models
         self.distributed = distributed
-        tp_rank = ps.get_tensor_model_parallel_rank()
+        self.env = env or current_env()
+        tp_rank = self.env.tp_rank
         self.shards: list[_BucketShard] = []
         self.segments: list[_Segment] = []
         for ddp in ddp_models:
@@ -134,8 +136,6 @@ class BucketAdamW:
     # -- the step ------------------------------------------------------------------------------------
     def grad_norm(self) -> float:
         """Global L2 norm of the (synchronised) gradients, each element counted once."""
-        from megatron.core import parallel_state as ps
-
         device = self.shards[0].exp_avg.device if self.shards else torch.device("cpu")
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # [dense, expert]
         for which in (0, 1):
@@ -146,8 +146,7 @@ class BucketAdamW:
             dist.all_reduce(sums)  # shards are disjoint across data-parallel ranks: sum over everyone
         else:
             dense, expert = sums[0:1], sums[1:2]
-            for t, group in ((dense, ps.get_model_parallel_group()),
-                             (expert, ps.get_expert_tensor_model_pipeline_parallel_group())):
+            for t, group in ((dense, self.env.mp_group), (expert, self.env.expert_mp_group)):
                 if dist.get_world_size(group) > 1:
                     dist.all_reduce(t, group=group)
         return math.sqrt(sums.sum().item())
@@ -249,5 +248,6 @@ class BucketAdamW:
                     s.values.copy_(s.master)
 
 
-def build_optimizer(ddp_models: list[nn.Module], opt: OptimizerConfig, distributed: bool) -> BucketAdamW:
-    return BucketAdamW(ddp_models, opt, distributed)
+def build_optimizer(ddp_models: list[nn.Module], opt: OptimizerConfig, distributed: bool,
+                    env: ParallelEnv | None = None) -> BucketAdamW:
+    return BucketAdamW(ddp_models, opt, distributed, env)

@@ -83,9 +83,6 @@ class Trainer:
         self.log_fn = log
         self.exit_after = exit_after
         self.env = initialize_parallel(cfg.parallel, cfg.model.num_layers)
-        from megatron.core import parallel_state as ps
-
-        self.ps = ps
         torch.manual_seed(cfg.stage.seed)
         self.device = self.env.device
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -94,15 +91,16 @@ class Trainer:
         # model chunks of this pipeline rank (one without interleaving), then megatron DDP around each
         self.params_dtype = resolve_param_dtype(cfg.stage, self.device)
         self.models = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.stage.seed, device=self.device,
-                                         params_dtype=self.params_dtype)
+                                         params_dtype=self.params_dtype, env=self.env)
         # weight gradients straight into DDP's fp32 main_grad (engmoe.parallel.grad_fusion)
         self.gradient_accumulation_fusion = grad_fusion.resolve(cfg.model.gradient_accumulation_fusion,
                                                                 self.params_dtype, self.device)
         self.ddp_models = wrap_data_parallel(self.models, cfg.parallel, self.gradient_accumulation_fusion)
         install_schedule_hooks(self.ddp_models)
         self.is_last_stage = self.models[-1].post_process
-        self.cp_group = ps.get_context_parallel_group() if self.env.cp > 1 else None
-        self.optimizer = build_optimizer(self.ddp_models, cfg.optimizer, cfg.parallel.distributed_optimizer)
+        self.cp_group = self.env.cp_group if self.env.cp > 1 else None
+        self.optimizer = build_optimizer(self.ddp_models, cfg.optimizer, cfg.parallel.distributed_optimizer,
+                                         self.env)
         self.data = data if data is not None else build_train_data(cfg, self.device)
         self.state = TrainState(stage=cfg.stage.name)
         self.save_dir = Path(cfg.stage.save_dir)
@@ -177,13 +175,13 @@ class Trainer:
             m.train(mode)
 
     def _pp_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        group = self.ps.get_pipeline_model_parallel_group()
+        group = self.env.pp_group
         if dist.get_world_size(group) > 1:
             dist.all_reduce(t, op=op, group=group)
         return t
 
     def _dp_mean(self, value: float) -> float:
-        group = self.ps.get_data_parallel_group(with_context_parallel=True)
+        group = self.env.dp_cp_group
         t = torch.tensor(value, dtype=torch.float64, device=self.device)
         if dist.get_world_size(group) > 1:
             dist.all_reduce(t, group=group)
@@ -195,7 +193,7 @@ class Trainer:
         gb = global_batch_at(st.step, cfg.stage)
         n_micro = microbatches(gb, cfg.stage.micro_batch, self.env.dp)
         batches = rank_microbatches(self.data.train, st.consumed_samples, gb, cfg.stage.micro_batch,
-                                    self.ps.get_data_parallel_rank(), self.env.dp)
+                                    self.env.dp_rank, self.env.dp)
         lr = lr_at(st.step, cfg.optimizer, cfg.stage.train_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -252,7 +250,7 @@ class Trainer:
         gb = cfg.stage.global_batch  # the same samples whatever the layout
         for i in range(cfg.stage.eval_batches):
             batches = rank_microbatches(self.data.valid, i * gb, gb, cfg.stage.micro_batch,
-                                        self.ps.get_data_parallel_rank(), self.env.dp)
+                                        self.env.dp_rank, self.env.dp)
             out = self._run_schedule(batches, forward_only=True)
             for d in out:
                 total += d["lm loss"].item()

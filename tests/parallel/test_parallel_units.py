@@ -153,3 +153,52 @@ def test_report_layouts_validate():
         cfg = load_config(stage=stage)
         dp = cfg.parallel.check_world(256 if stage == "1" else 64)
         assert dp >= 1
+
+
+def test_megatron_sizes_are_megatrons_argument_names():
+    """The one ParallelConfig → megatron mapping: every name is a keyword of both places that take it."""
+    import dataclasses
+    import inspect
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from engmoe.parallel import MegatronSizes
+
+    sizes = MegatronSizes.of(ParallelConfig(tensor=2, pipeline=3, virtual_pipeline=2, context=5, expert=7,
+                                            expert_tensor=11))
+    assert sizes.kwargs() == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 3,
+                              "virtual_pipeline_model_parallel_size": 2, "context_parallel_size": 5,
+                              "expert_model_parallel_size": 7, "expert_tensor_parallel_size": 11}
+    init_args = set(inspect.signature(ps.initialize_model_parallel).parameters)
+    config_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert set(sizes.kwargs()) <= init_args and set(sizes.kwargs()) <= config_fields
+
+
+def test_parallel_env_carries_every_group(single_rank):
+    """A single process: every group exists and has this one rank (callers never branch on None)."""
+    import dataclasses
+
+    groups = [f.name for f in dataclasses.fields(single_rank) if f.name.endswith("_group")]
+    assert len(groups) == 11
+    assert all(getattr(single_rank, g).size() == 1 for g in groups)
+
+
+def test_parameter_tags_round_trip():
+    """Each tag's reader returns what its writer wrote; megatron's DDP keys (allreduce, tensor_model_parallel,
+    sequence_parallel) are set as megatron reads them."""
+    from engmoe.parallel import tags
+    from engmoe.parallel.expert_tensor import ExpertTensorShard
+
+    expert, table, norm = (torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3))
+    assert not tags.is_expert(table) and tags.expert_shard(table) is None and tags.vocab_rows(table) is None
+    assert tags.tensor_parallel_dim(table) is None and not tags.is_sequence_parallel(norm)
+    tags.mark_expert_shard(expert, 4, 8)
+    tags.mark_expert_tensor_shard(expert, ExpertTensorShard(1, 2, True))
+    tags.mark_tensor_parallel(table, 1)
+    tags.mark_vocab_rows(table, 3)
+    tags.mark_sequence_parallel(norm)
+    assert tags.is_expert(expert) and tags.expert_shard(expert) == (4, 8) and expert.allreduce is False
+    assert tags.expert_tensor_shard(expert) == ExpertTensorShard(1, 2, True)
+    assert tags.tensor_parallel_dim(table) == 1 and table.tensor_model_parallel and tags.vocab_rows(table) == 3
+    assert tags.is_sequence_parallel(norm) and norm.sequence_parallel is True
