@@ -1,7 +1,7 @@
 """Hugging Face export/import: engmoe checkpoints (any parallel layout) ↔ safetensors + config + tokenizer.
 
-Modules: ``architectures`` (which HF class, config.json), ``convert`` (tensor mapping), ``checkpoint_io``
-(engmoe checkpoints as full tensors in one process), ``safetensors_io``, ``tokenizer_files`` and
-``chat_template``, ``hf_export`` / ``hf_import`` (the two commands), ``cli``. Kept import-free here so that
-``engmoe --help`` does not load torch.
+Modules: ``architectures`` (which HF class, config.json), ``convert`` (tensor mapping), ``safetensors_io``,
+``tokenizer_files``, ``hf_export`` / ``hf_import`` (the two commands), ``cli``. Checkpoints are read and
+written as full tensors by ``engmoe.checkpoint.full``; the chat template is ``engmoe.data.chat_template``.
+Kept import-free here so that ``engmoe --help`` does not load torch.
 """
