@@ -1,4 +1,7 @@
-"""Grouped-expert kernels: one Python front, several backends, the PyTorch reference as the oracle.
+"""Kernels and the choice among their backends: grouped experts, attention (``attention``: flash-attn,
+FlexAttention, SDPA, naive) and the fused vocabulary-parallel cross-entropy (``cross_entropy``).
+
+Grouped-expert kernels: one Python front, several backends, the PyTorch reference as the oracle.
 
 ``get_moe_kernels(name)`` returns an object with the ops the MoE layer needs (``routing_maps``,
 ``permute``, ``unpermute``, ``swiglu``, ``grouped_mlp``, ``router_topk``). The choice is made here and
