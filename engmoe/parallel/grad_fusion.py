@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from engmoe.kernels import wgrad
+from engmoe.parallel import tags
 
 
 class _WgradModule:
@@ -60,8 +61,6 @@ def enable(models: list[nn.Module]) -> int:
     """Turn fusion on for every fusable layer of the DDP-wrapped ``models``; returns how many weights."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from engmoe.model.moe.experts import GroupedExperts
-
     install_megatron_hook()
     fused = 0
     for model in models:
@@ -72,7 +71,10 @@ def enable(models: list[nn.Module]) -> int:
                 if w is not None and wgrad.can_fuse(w):
                     m.gradient_accumulation_fusion = True
                     fused += 1
-            elif isinstance(m, GroupedExperts) and wgrad.can_fuse(m.w13) and wgrad.can_fuse(m.w2):
-                m.gradient_accumulation_fusion = True
-                fused += 2
+            elif experts := [p for p in m.parameters(recurse=False) if tags.is_expert(p)]:
+                # the grouped experts (engmoe.model.moe.experts): found by their tagged weights, so this
+                # module does not import the model
+                if all(wgrad.can_fuse(p) for p in experts):
+                    m.gradient_accumulation_fusion = True
+                    fused += len(experts)
     return fused
