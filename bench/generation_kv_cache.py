@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     import torch
 
+    from engmoe.checkpoint.full import ensure_single_process
     from engmoe.config import ParallelConfig, load_config
     from engmoe.eval.generate import generate
     from engmoe.eval.model import InferenceModel, pick_device
-    from engmoe.export.checkpoint_io import ensure_single_process
     from engmoe.model import build_model
 
     p = argparse.ArgumentParser()

@@ -44,9 +44,9 @@ class ByteTokenizer:
 
 
 def build_inference_model(args, device: torch.device, dtype: str):
+    from engmoe.checkpoint.full import ensure_single_process
     from engmoe.config import ParallelConfig, load_config
     from engmoe.eval.model import InferenceModel
-    from engmoe.checkpoint.full import ensure_single_process
     from engmoe.model import build_model
 
     overrides = ["stage.init_from=null", f"model.rope.yarn.factor={args.yarn_factor}",

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from engmoe.checkpoint.full import CheckpointReader, write_checkpoint
 from engmoe.config import ConfigError
-from engmoe.export.checkpoint_io import CheckpointReader, write_checkpoint
 
 # model fields that do not change what the weights mean (kernels, losses, training-time balancing)
 RUNTIME_FIELDS = {"attention_backend", "cross_entropy", "compile_elementwise", "moe.kernel_backend",

@@ -39,7 +39,7 @@ def _import(args) -> int:
 
 
 def _soup(args) -> int:
-    from engmoe.export.soup import soup
+    from engmoe.checkpoint.soup import soup
 
     ckpt = soup(args.checkpoints, args.out, weights=args.weights, overwrite=args.overwrite)
     print(f"souped {len(args.checkpoints)} checkpoints → {ckpt}; start a stage from it with "

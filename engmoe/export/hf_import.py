@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
+from engmoe.checkpoint.full import write_checkpoint
 from engmoe.config import Config, ConfigError
 from engmoe.export.architectures import model_config_from_hf
-from engmoe.checkpoint.full import write_checkpoint
 from engmoe.export.convert import globals_from_hf, layer_from_hf
 from engmoe.export.safetensors_io import SafetensorsReader
 from engmoe.io import read_document

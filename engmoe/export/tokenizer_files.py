@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from engmoe.data.chat_template import CHAT_TEMPLATE
 from engmoe.data.tokenizer import BOS, EOD, PAD, UNK, Tokenizer
 from engmoe.export.architectures import TokenIds
-from engmoe.data.chat_template import CHAT_TEMPLATE
 
 END_OF_TURN = "<|im_end|>"
 

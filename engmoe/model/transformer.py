@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from engmoe.config import ConfigError, ModelConfig, ParallelConfig
+from engmoe.kernels.cross_entropy import fused_cross_entropy
 from engmoe.model.attention import SelfAttention
 from engmoe.model.compiled import set_enabled as set_compile_elementwise
-from engmoe.kernels.cross_entropy import fused_cross_entropy
 from engmoe.model.moe import MoELayer
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding

@@ -67,9 +67,9 @@ def _all_states(run_dirs: list[Path]) -> list[tuple[Path, dict]]:
 
 def collect(run_dirs: list[str | Path]) -> list[StageCompute]:
     """One row per run directory, in the given order."""
+    from engmoe.checkpoint.sharded import find_checkpoint
     from engmoe.config import config_from_yaml_file
     from engmoe.model import model_flops_per_token
-    from engmoe.checkpoint.sharded import find_checkpoint
 
     runs = [Path(r) for r in run_dirs]
     states = _all_states(runs)

@@ -217,7 +217,7 @@ class Trainer:
             self.optimizer.clip(cfg.optimizer.clip_grad, norm)
             self.optimizer.step()
             if cfg.model.moe.expert_bias_update_rate > 0:  # aux-loss-free balancing: one all-reduce per step
-                update_expert_biases(self.moe_layers(), cfg.model.moe.expert_bias_update_rate, replica_group())
+                update_expert_biases(self.moe_layers(), cfg.model.moe.expert_bias_update_rate, replica_group(self.env))
         else:
             st.skipped_steps += 1
             self.log(f"step {st.step + 1}: non-finite {'loss' if not math.isfinite(lm) else 'grad norm'} "
@@ -269,7 +269,7 @@ class Trainer:
     def _log_expert_load(self, last: bool) -> None:
         """Per-layer expert-load scalars for the log interval; the heatmap every expert_heatmap_interval steps.
         A collective (every rank calls it at the same log steps); one device-to-host copy."""
-        counts = self.expert_load.collect(replica_group(), self.ps.get_pipeline_model_parallel_group())
+        counts = self.expert_load.collect(replica_group(self.env), self.env.pp_group)
         step, every = self.state.step, self.cfg.stage.expert_heatmap_interval
         self.tb.log(layer_metrics(counts), step)
         if every and (step // every > self._last_heatmap_step // every or last):

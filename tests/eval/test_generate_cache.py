@@ -22,9 +22,9 @@ def test_layer_cache_grows_and_keeps_every_position():
 
 def _model(dtype: torch.dtype):
     """A tiny model with a large init (peaked logits: greedy choices are far from ties)."""
+    from engmoe.checkpoint.full import ensure_single_process
     from engmoe.config import ParallelConfig, load_config
     from engmoe.eval.model import InferenceModel
-    from engmoe.export.checkpoint_io import ensure_single_process
     from engmoe.model import build_model
 
     ensure_single_process()

@@ -32,11 +32,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True)
     args = parser.parse_args()
 
+    from engmoe.checkpoint.sharded import save_checkpoint
+    from engmoe.checkpoint.train_state import TrainState
     from engmoe.config import load_config
     from engmoe.model import build_model
     from engmoe.parallel import destroy_parallel, initialize_parallel
-    from engmoe.checkpoint.sharded import save_checkpoint
-    from engmoe.checkpoint.train_state import TrainState
 
     for name, parallel in LAYOUTS.items():
         out = Path(args.out) / name

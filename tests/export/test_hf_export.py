@@ -189,8 +189,8 @@ def test_export_refuses_a_nonzero_expert_bias(demo_tokenizer, tmp_path):
     and no weight can absorb it, so the export refuses (a zero bias exports as usual)."""
     from dataclasses import asdict
 
-    from engmoe.training.checkpoint import save_checkpoint
-    from engmoe.training.trainer import TrainState
+    from engmoe.checkpoint.sharded import save_checkpoint
+    from engmoe.checkpoint.train_state import TrainState
 
     from engmoe_tiny_runs import build_reference, tiny_config
 

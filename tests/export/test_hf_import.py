@@ -44,8 +44,8 @@ def test_round_trip_is_exact(tiny_checkpoints, tmp_path, variant):
 
 
 def test_stage_starts_from_imported_checkpoint(tiny_checkpoints, tmp_path):
-    from engmoe.config import load_config
     from engmoe.checkpoint.full import CheckpointReader
+    from engmoe.config import load_config
     from engmoe.export.hf_import import import_hf
     from engmoe.names import canonical_name
     from engmoe.training.trainer import Trainer

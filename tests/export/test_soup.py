@@ -19,14 +19,14 @@ def sources(tmp_path_factory, demo_tokenizer) -> list[Path]:
 
 
 def _params(cfg, seed: int) -> dict[str, torch.Tensor]:
-    from engmoe.model.transformer import canonical_name
+    from engmoe.names import canonical_name
 
     model = build_reference(cfg, seed)
     return {canonical_name(model, n): p.detach() for n, p in model.named_parameters()}
 
 
 def _loaded(run: Path) -> dict[str, torch.Tensor]:
-    from engmoe.export.checkpoint_io import CheckpointReader
+    from engmoe.checkpoint.full import CheckpointReader
 
     r = CheckpointReader(run)
     return r.load(r.names)
@@ -47,7 +47,7 @@ def test_weighted_soup_is_the_exact_average(sources, tmp_path, capsys):
         assert torch.equal(got[name], want), name
     assert not torch.equal(got["layers.0.mlp.experts.w13"], ps[1]["layers.0.mlp.experts.w13"])
     uniform = tmp_path / "uniform"
-    from engmoe.export.soup import soup
+    from engmoe.checkpoint.soup import soup
 
     soup(sources[:2], uniform)
     u = _loaded(uniform)["embedding.weight"]
@@ -55,7 +55,7 @@ def test_weighted_soup_is_the_exact_average(sources, tmp_path, capsys):
 
 
 def test_soup_refuses_other_models_and_bad_weights(sources, tmp_path, demo_tokenizer):
-    from engmoe.export.soup import soup
+    from engmoe.checkpoint.soup import soup
 
     other = save_tiny_checkpoint(tmp_path / "wide", [f"data.tokenizer={demo_tokenizer}",
                                                       "model.moe.expert_intermediate_size=64"])
@@ -84,9 +84,9 @@ class _Random:
 
 
 def test_a_stage_trains_from_the_soup_and_it_exports(sources, tmp_path):
+    from engmoe.checkpoint.soup import soup
     from engmoe.export.hf_export import export_hf
-    from engmoe.export.soup import soup
-    from engmoe.model.transformer import canonical_name
+    from engmoe.names import canonical_name
     from engmoe.training.data import TrainData
     from engmoe.training.trainer import Trainer
 

@@ -83,7 +83,7 @@ def make_config(parallel: dict, save_dir: str, model: str = "tiny", extra: tuple
 
 def gather_biases(trainer) -> tuple[dict, float]:
     """Every router's ``expert_bias`` by global name from all ranks, and how much the ranks' copies differ."""
-    from engmoe.model.transformer import canonical_name
+    from engmoe.names import canonical_name
 
     local = {canonical_name(m, n): b.detach().cpu().clone() for m in trainer.models for n, b in m.named_buffers()
              if n.endswith("expert_bias")}

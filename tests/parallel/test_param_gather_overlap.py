@@ -28,8 +28,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank))
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
+    from engmoe.checkpoint.gather import gather_full
     from engmoe.parallel import destroy_parallel, init_distributed
-    from engmoe.parallel.gather import gather_full
     from engmoe.training.data import TrainData
     from engmoe.training.trainer import Trainer
 

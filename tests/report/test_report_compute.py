@@ -12,9 +12,9 @@ def _state(ckpt: Path) -> dict:
 
 
 def test_flops_per_stage_and_cumulative(trained_runs):
+    from engmoe.checkpoint.sharded import find_checkpoint
     from engmoe.config import config_from_yaml_file
     from engmoe.model import model_flops_per_token
-    from engmoe.checkpoint.sharded import find_checkpoint
 
     stage1, stage2 = trained_runs
     rows = collect(trained_runs)
@@ -61,8 +61,8 @@ def test_threshold_verdicts(total, gpai, systemic):
 
 
 def test_curves_from_tensorboard(trained_runs, tmp_path):
-    from engmoe.report.curves import TRAIN_LOSS, VALID_LOSS, plot, read_run
     from engmoe.checkpoint.sharded import find_checkpoint
+    from engmoe.report.curves import TRAIN_LOSS, VALID_LOSS, plot, read_run
 
     runs = [read_run(r) for r in trained_runs]
     assert [s for s, _ in runs[0].scalars[TRAIN_LOSS]] == [2, 4, 6]
