@@ -105,7 +105,7 @@ def buffer_sharded_state_dict(models: list[EngMoEModel], only: Optional[set] = N
         for name, b in m.named_buffers():
             key = f"model.{canonical_name(m, name)}"
             if name.endswith("expert_bias") and (only is None or key in only):
-                out.update(_sharded_tensors(key, b, b))
+                out.update(_sharded_tensors(key, b, b, m.env))
     return out
 
 

@@ -180,7 +180,7 @@ def test_parallel_env_carries_every_group(single_rank):
     import dataclasses
 
     groups = [f.name for f in dataclasses.fields(single_rank) if f.name.endswith("_group")]
-    assert len(groups) == 11
+    assert len(groups) == 12
     assert all(getattr(single_rank, g).size() == 1 for g in groups)
 
 
