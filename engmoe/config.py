@@ -80,6 +80,12 @@ class MoEConfig:
     # batch seen so far in the step (all data-parallel ranks, accumulated over micro-batches; megatron's
     # global_aux_loss). Exact definition: engmoe.model.moe.router.load_balancing_loss / README.
     lb_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    # Benchmarks only (megatron's --moe-router-force-load-balancing): the router still computes its logits and
+    # softmax (same compute), but token t's k slots go to experts (t·k + j) mod E, round-robin, so every expert
+    # gets exactly tokens·top_k/E rows when that divides; the combine uses the probabilities of those experts.
+    # Refused unless data.mock is set or force_balanced_routing_on_real_data says so (it does not learn routing).
+    force_balanced_routing: bool = False
+    force_balanced_routing_on_real_data: bool = False
 
     def validate(self, where: str) -> None:
         _check(self.num_experts >= 1, f"{where}.num_experts", f"must be >= 1, got {self.num_experts}")
@@ -385,6 +391,9 @@ def validate_layout(cfg: "Config") -> None:
            f"the sequence per context rank ({seq}/{par.context} = {local}) must be a multiple of "
            f"parallel.tensor={par.tensor} for sequence parallelism")
     _check(seq <= m.max_seq_len, "data.seq_len", f"{seq} exceeds model.max_seq_len={m.max_seq_len}")
+    _check(not m.moe.force_balanced_routing or cfg.data.mock or m.moe.force_balanced_routing_on_real_data,
+           "model.moe.force_balanced_routing", "is for benchmarks (routing is not learned): set data.mock=true, "
+           "or model.moe.force_balanced_routing_on_real_data=true to force it on real data")
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:

@@ -20,7 +20,9 @@ Op contract (all backends)::
     permute(x, sorted_slots, slot_to_row, k)    -> x in expert-sorted order            [T·k, H]
     unpermute(y, slot_to_row, probs, top_k=None)-> Σ_j probs[t,j] · y[row(t,j)]         [T, H]   (probs None: plain sum)
     swiglu(h, row_scale=None)                   -> silu(gate) · up (· row_scale)
-    grouped_mlp(x, counts, w13, w2, row_scale=None) -> (swiglu(x @ w13[e]) · row_scale) @ w2[e]
+    grouped_mlp(x, counts, w13, w2, row_scale=None, host_counts=None)
+                                                -> (swiglu(x @ w13[e]) · row_scale) @ w2[e]
+                                                   (host_counts: counts as host ints, when known: no sync)
     router_topk(logits, k, normalize, bias=None)-> probs, topk_probs, topk_idx   (bias: choice only)
     router_logits(x, w)                         -> fp32 logits x @ wᵀ
 """
@@ -67,10 +69,10 @@ REFERENCE = MoEKernels("reference", reference.routing_maps, reference.permute, r
                        reference.swiglu, reference.grouped_mlp, reference.router_topk)
 
 
-def _torch_grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None):
+def _torch_grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None, host_counts=None):
     """What plain PyTorch users write: ``torch._grouped_mm`` with its own autograd, reference SwiGLU."""
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not grouped.torch_grouped_mm_usable():
-        return reference.grouped_mlp(x, tokens_per_expert, w13, w2, row_scale)
+        return reference.grouped_mlp(x, tokens_per_expert, w13, w2, row_scale, host_counts)
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
     h = torch._grouped_mm(x, w13, offs=offsets)
     return torch._grouped_mm(reference.swiglu(h, row_scale), w2, offs=offsets)

@@ -46,10 +46,13 @@ def lib_usable(name: str) -> bool:
 class _Meta:
     """Group sizes in the forms the libraries want, computed once per MoE layer call."""
 
-    def __init__(self, tokens_per_expert: torch.Tensor):
+    def __init__(self, tokens_per_expert: torch.Tensor, host_counts: list[int] | None = None):
         self.counts = tokens_per_expert
         self._offs = None
-        self._cpu = None
+        # host sizes when the caller has them without a sync (EP's split exchange, forced balance)
+        self._cpu = torch.tensor(host_counts, dtype=torch.int64) if host_counts is not None else None
+        self.host_counts = host_counts
+        self.host_known = host_counts is not None
         self._ready = None  # event after an early device→host copy of the counts (prefetch_cpu)
 
     def prefetch_cpu(self) -> None:
@@ -134,8 +137,11 @@ class GemmPlan:
             raise ValueError(f"GEMM plan {spec!r}: expected 'auto' or one or three of {LIBS}")
         return GemmPlan(*parts)
 
-    def for_rows(self, rows: int, groups: int) -> "GemmPlan":
-        if self.large is not None and rows >= self.large_rows_per_group * max(groups, 1):
+    def for_rows(self, rows: int, groups: int, host_known: bool = True) -> "GemmPlan":
+        """The plan for ``rows`` rows over ``groups`` experts. ``large`` only where the group sizes are on the
+        host already (``host_known``: expert parallelism's split exchange, forced-balanced routing): its
+        grouped_gemm GEMMs take host sizes, and fetching them would stall the launch queue once per layer."""
+        if self.large is not None and host_known and rows >= self.large_rows_per_group * max(groups, 1):
             return self.large
         return self
 
@@ -254,15 +260,16 @@ class _GroupedLinearAccum(torch.autograd.Function):
 
 
 def grouped_mlp_accumulating(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.nn.Parameter,
-                             w2: torch.nn.Parameter, row_scale: torch.Tensor | None, kernels) -> torch.Tensor:
+                             w2: torch.nn.Parameter, row_scale: torch.Tensor | None, kernels,
+                             host_counts: list[int] | None = None) -> torch.Tensor:
     """The experts' SwiGLU MLP of backend ``kernels`` (one of ``ACCUMULATING_BACKENDS``) with both weight
     gradients accumulated into ``main_grad``: forward and data gradients by the backend's GEMM plan on CUDA
     bf16 (the reference loop elsewhere), weight gradients by ``kernels.grouped_mlp.wgrad_accum``."""
-    meta = _Meta(tokens_per_expert)
+    meta = _Meta(tokens_per_expert, host_counts)
     plan = getattr(kernels.grouped_mlp, "plan", None)
     fast = plan is not None and x.is_cuda and x.dtype == torch.bfloat16 and w13.dtype == torch.bfloat16
     if fast:
-        plan = plan.for_rows(x.shape[0], w13.shape[0])
+        plan = plan.for_rows(x.shape[0], w13.shape[0], meta.host_known)
         fast = plan.usable()
     if fast:
         fwd, dgrad = _IMPL[(plan.fwd, "fwd")], _IMPL[(plan.dgrad, "dgrad")]
@@ -279,12 +286,14 @@ def grouped_mlp_accumulating(x: torch.Tensor, tokens_per_expert: torch.Tensor, w
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor, plan: GemmPlan,
-                   meta: _Meta | None = None) -> torch.Tensor:
-    """``out[rows of e] = x[rows of e] @ w[e]`` for expert-sorted ``x``; bf16 CUDA via ``plan``, else a loop."""
-    plan = plan.for_rows(x.shape[0], w.shape[0])
+                   meta: _Meta | None = None, host_counts: list[int] | None = None) -> torch.Tensor:
+    """``out[rows of e] = x[rows of e] @ w[e]`` for expert-sorted ``x``; bf16 CUDA via ``plan``, else a loop.
+    ``host_counts``: the group sizes as host ints when the caller has them (no device sync)."""
+    meta = meta or _Meta(tokens_per_expert, host_counts)
+    plan = plan.for_rows(x.shape[0], w.shape[0], meta.host_known)
     if x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and plan.usable():
-        return _GroupedLinear.apply(x, w, meta or _Meta(tokens_per_expert), plan)
-    return reference.grouped_mm(x, w, tokens_per_expert)
+        return _GroupedLinear.apply(x, w, meta, plan)
+    return reference.grouped_mm(x, w, tokens_per_expert, meta.host_counts)
 
 
 def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> Callable:
@@ -293,8 +302,8 @@ def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable, wgrad_accum: str = DEF
     if wgrad_accum not in EXPERT_WGRAD_ACCUM:
         raise ValueError(f"expert wgrad accumulation {wgrad_accum!r}: expected one of {sorted(EXPERT_WGRAD_ACCUM)}")
 
-    def grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None):
-        meta = _Meta(tokens_per_expert)
+    def grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None, host_counts=None):
+        meta = _Meta(tokens_per_expert, host_counts)
         h = grouped_linear(x, w13, tokens_per_expert, plan, meta)
         return grouped_linear(swiglu_fn(h, row_scale), w2, tokens_per_expert, plan, meta)
 

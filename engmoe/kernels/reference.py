@@ -21,7 +21,10 @@ def routing_maps(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     sorted_slots = torch.sort(flat, stable=True).indices
     slot_to_row = torch.empty_like(sorted_slots)
     slot_to_row[sorted_slots] = torch.arange(flat.numel(), device=flat.device)
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    # scatter-add, not bincount: CUDA's bincount syncs with the host (this also runs on GPU for the torch and
+    # grouped_gemm backends)
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int64))
     return sorted_slots, slot_to_row, tokens_per_expert
 
 
@@ -82,9 +85,11 @@ def swiglu(gate_up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torc
     return act.to(gate_up.dtype)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` grouped by expert (counts in ``tokens_per_expert``) times ``w[e]``: a loop of matmuls."""
-    counts = tokens_per_expert.tolist()
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor,
+               host_counts: list[int] | None = None) -> torch.Tensor:
+    """Rows of ``x`` grouped by expert (counts in ``tokens_per_expert``, or ``host_counts`` when the caller has
+    them on the host) times ``w[e]``: a loop of matmuls."""
+    counts = list(host_counts) if host_counts is not None else tokens_per_expert.tolist()
     outs = [chunk @ w[e] for e, chunk in enumerate(torch.split(x, counts, dim=0))]
     if not outs:
         return x.new_zeros(0, w.shape[-1])
@@ -92,9 +97,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
 
 
 def grouped_mlp(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                row_scale: torch.Tensor | None = None, host_counts: list[int] | None = None) -> torch.Tensor:
     """SwiGLU experts on expert-sorted rows: ``(swiglu(x @ w13[e]) · row_scale) @ w2[e]``."""
-    return grouped_mm(swiglu(grouped_mm(x, w13, tokens_per_expert), row_scale), w2, tokens_per_expert)
+    h = grouped_mm(x, w13, tokens_per_expert, host_counts)
+    return grouped_mm(swiglu(h, row_scale), w2, tokens_per_expert, host_counts)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,9 @@ def test_gemm_plan_parse_and_cpu_loop_fallback():
     assert (small.fwd, small.dgrad, small.wgrad) == ("torch",) * 3
     assert (large.fwd, large.dgrad, large.wgrad) == ("torch", "grouped_gemm", "grouped_gemm")
     assert "rows/expert" in str(auto)
+    # the host-sized grouped_gemm plan only where the sizes are on the host already (no sync per layer)
+    unknown = auto.for_rows(2048 * 64, 64, host_known=False)
+    assert (unknown.fwd, unknown.dgrad, unknown.wgrad) == ("torch",) * 3
     # CPU: grouped_mlp of any plan is the per-expert loop
     torch.manual_seed(1)
     counts = torch.tensor([3, 0, 4])
@@ -84,6 +87,9 @@ def test_gemm_plan_parse_and_cpu_loop_fallback():
     w13, w2 = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 3, 4, dtype=torch.float64)
     mlp = grouped.make_grouped_mlp(GemmPlan(), reference.swiglu)
     torch.testing.assert_close(mlp(x, counts, w13, w2), reference.grouped_mlp(x, counts, w13, w2))
+    # host counts, when given, are the ones used (no device read of the counts)
+    torch.testing.assert_close(mlp(x, torch.full((3,), -1), w13, w2, host_counts=[3, 0, 4]),
+                               reference.grouped_mlp(x, counts, w13, w2))
 
 
 # ----------------------------------------------------------------------------------------------- reference ops

@@ -6,7 +6,7 @@ import pytest
 from engmoe.config import Config, ConfigError, ModelConfig, config_from_yaml_file, load_config, save_config
 
 
-@pytest.mark.parametrize("preset", ["enggpt2-16b-a3b", "proxy", "tiny"])
+@pytest.mark.parametrize("preset", ["enggpt2-16b-a3b", "proxy", "tiny", "ep4-share"])
 def test_presets_load_and_validate(preset):
     cfg = load_config(model=preset)
     assert cfg.model.name == preset
@@ -18,6 +18,25 @@ def test_reference_preset_matches_design():
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.head_dim) == (24, 2880, 32, 4, 128)
     assert (m.moe.num_experts, m.moe.top_k, m.moe.expert_intermediate_size) == (64, 8, 1080)
     assert m.vocab_size == 131072 + 12 and not m.tie_embeddings and m.norm_eps == 1e-6
+
+
+def test_ep4_share_is_the_16b_stack_with_a_quarter_of_the_experts():
+    ref, share = load_config(model="enggpt2-16b-a3b").model, load_config(model="ep4-share").model
+    for f in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size",
+              "max_seq_len", "norm_eps", "rope"):
+        assert getattr(share, f) == getattr(ref, f), f
+    assert share.moe.num_experts * 4 == ref.moe.num_experts
+    assert share.moe.top_k == ref.moe.top_k and share.moe.expert_intermediate_size == ref.moe.expert_intermediate_size
+
+
+def test_force_balanced_routing_is_for_benchmarks():
+    assert load_config(model="tiny", overrides=["model.moe.force_balanced_routing=true", "data.mock=true"]) \
+        .model.moe.force_balanced_routing
+    with pytest.raises(ConfigError, match=r"model\.moe\.force_balanced_routing.*data\.mock"):
+        load_config(model="tiny", overrides=["model.moe.force_balanced_routing=true"])
+    forced = load_config(model="tiny", overrides=["model.moe.force_balanced_routing=true",
+                                                  "model.moe.force_balanced_routing_on_real_data=true"])
+    assert forced.model.moe.force_balanced_routing and not forced.data.mock
 
 
 def test_proxy_has_reference_layer_dims_with_fewer_layers():

@@ -154,3 +154,50 @@ def test_aux_loss_gradient_is_injected_with_scale():
     layer.zero_grad()
     layer.router(x.view(-1, 6)).aux_loss.backward()
     torch.testing.assert_close(aux_grad, layer.router.weight.grad)
+
+
+def test_force_balanced_routing_round_robin_exact_counts_and_real_probabilities():
+    """Forced balance: token t's slots go to experts (t·k + j) mod E, every expert gets T·k/E rows, the combine
+    uses the router's probabilities of those experts, and the router still gets its gradient through them."""
+    torch.manual_seed(7)
+    E, k, T, H = 8, 3, 16, 16
+    moe = MoEConfig(num_experts=E, top_k=k, expert_intermediate_size=12, force_balanced_routing=True,
+                    kernel_backend="reference")
+    layer = _layer(moe, hidden=H)
+    layer.train()
+    x = torch.randn(T, 1, H, dtype=torch.float64)
+    out = layer(x)
+    counts = layer.last_stats["tokens_per_expert"]
+    assert counts.tolist() == [T * k // E] * E
+    routing = layer.router(x.view(T, H))
+    want_idx = (torch.arange(T * k) % E).view(T, k)
+    assert torch.equal(routing.topk_idx, want_idx)
+    assert routing.host_counts == [T * k // E] * E
+    w_r, w13, w2 = layer.router.weight.detach(), layer.experts.w13.detach(), layer.experts.w2.detach()
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        probs = torch.softmax(w_r @ x[t, 0], 0)
+        for e in want_idx[t].tolist():
+            h = x[t, 0] @ w13[e]
+            want[t] += probs[e] * ((F.silu(h[:12]) * h[12:]) @ w2[e])
+    torch.testing.assert_close(out.view(T, H), want, rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_force_balanced_routing_uneven_counts_stay_on_the_device():
+    """T·k not divisible by E: round-robin still (counts differ by at most one), no host counts claimed."""
+    moe = MoEConfig(num_experts=8, top_k=3, expert_intermediate_size=12, force_balanced_routing=True,
+                    kernel_backend="reference")
+    layer = _layer(moe, hidden=16)
+    routing = layer.router(torch.randn(5, 16, dtype=torch.float64))
+    assert routing.host_counts is None
+    counts = routing.tokens_per_expert
+    assert counts.sum() == 15 and counts.max() - counts.min() <= 1
+
+
+def test_expert_counts_equal_bincount():
+    from engmoe.model.moe.router import expert_counts
+
+    idx = torch.randint(0, 7, (33, 3))
+    assert torch.equal(expert_counts(idx, 9), torch.bincount(idx.reshape(-1), minlength=9))

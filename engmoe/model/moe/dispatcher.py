@@ -50,8 +50,9 @@ import torch.distributed as dist
 from engmoe.kernels import MoEKernels
 from engmoe.model.moe.router import RoutingResult
 
-# the experts as the dispatcher calls them: (rows grouped by local expert, rows per local expert, row_scale)
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# the experts as the dispatcher calls them: (rows grouped by local expert, rows per local expert, row_scale[,
+# rows per local expert as host ints when known without a sync])
+ExpertsFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -69,6 +70,9 @@ class DispatchContext:
     inverse: Optional[torch.Tensor] = None
     # expert tensor parallelism: rows each rank of the ETP group contributed to the all-gather
     etp_splits: Optional[list[int]] = None
+    # rows per local expert as host ints, when known without a device sync (the all-to-all's split exchange
+    # fetches them anyway; forced-balanced routing knows them statically); None at ep1 with learned routing
+    host_counts: Optional[list[int]] = None
 
 
 class LocalDispatcher:
@@ -81,7 +85,9 @@ class LocalDispatcher:
         sorted_slots, slot_to_row, tokens_per_expert = kernels.routing_maps(routing.topk_idx, self.num_experts)
         permuted = kernels.permute(x, sorted_slots, slot_to_row, self.top_k)
         row_scale = routing.topk_probs.reshape(-1).index_select(0, sorted_slots)
-        return permuted, tokens_per_expert, DispatchContext(slot_to_row, routing.topk_probs, row_scale)
+        # no host copy of the counts here: the grouped GEMMs read them on the device (no sync at ep1)
+        return permuted, tokens_per_expert, DispatchContext(slot_to_row, routing.topk_probs, row_scale,
+                                                            host_counts=routing.host_counts)
 
     def combine(self, y: torch.Tensor, ctx: DispatchContext, kernels: MoEKernels) -> torch.Tensor:
         """Expert outputs in sorted order (already scaled by ``ctx.row_scale``) → ``[T, H]`` sum of each
@@ -91,7 +97,7 @@ class LocalDispatcher:
     def run(self, x: torch.Tensor, routing: RoutingResult, kernels: MoEKernels, experts: ExpertsFn) -> torch.Tensor:
         """dispatch → ``experts(rows, rows per local expert, row_scale)`` → combine: ``[T, H]``."""
         permuted, tokens_per_expert, ctx = self.dispatch(x, routing, kernels)
-        return self.combine(experts(permuted, tokens_per_expert, ctx.row_scale), ctx, kernels)
+        return self.combine(experts(permuted, tokens_per_expert, ctx.row_scale, ctx.host_counts), ctx, kernels)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -252,10 +258,14 @@ class AllToAllDispatcher:
             group_counts = group_counts.view(self.etp, self.ep, self.local)
         else:
             group_counts = received_counts.unsqueeze(0)
-        # the split sizes are needed on the host (one sync per layer, as in any dropless all-to-all)
+        # the split sizes are needed on the host (one sync per layer, as in any dropless all-to-all: this is
+        # what keeps the expert part of a layer out of a CUDA graph under EP); the rows per local expert come
+        # in the same copy, so the grouped GEMMs need no second one
         host = torch.cat([counts.view(self.ep, self.local).sum(1), received_counts.sum(1),
-                          group_counts.sum((1, 2))]).tolist()
-        input_splits, output_splits, etp_splits = host[:self.ep], host[self.ep:2 * self.ep], host[2 * self.ep:]
+                          group_counts.sum((1, 2)), group_counts.sum((0, 1))]).tolist()
+        e = 2 * self.ep + self.etp
+        input_splits, output_splits, etp_splits = host[:self.ep], host[self.ep:2 * self.ep], host[2 * self.ep:e]
+        local_counts = host[e:]
         rows, row_scale = permuted, scale
         if self.group is not None:
             rows = all_to_all(self.group, rows, output_splits, input_splits)
@@ -272,7 +282,7 @@ class AllToAllDispatcher:
         rows = _PermuteRows.apply(rows, order, inverse)
         row_scale = _PermuteRows.apply(row_scale, order, inverse).squeeze(1)
         ctx = DispatchContext(slot_to_row, routing.topk_probs, row_scale, input_splits, output_splits, order, inverse,
-                              etp_splits)
+                              etp_splits, local_counts)
         return rows, block_counts.sum(0), ctx
 
     def combine(self, y: torch.Tensor, ctx: DispatchContext, kernels: MoEKernels) -> torch.Tensor:
@@ -294,7 +304,7 @@ class AllToAllDispatcher:
         chunked pipeline (module docstring) — same result up to the order of the expert-weight gradient sums."""
         if self.chunks <= 1:
             permuted, tokens_per_expert, ctx = self.dispatch(x, routing, kernels)
-            return self.combine(experts(permuted, tokens_per_expert, ctx.row_scale), ctx, kernels)
+            return self.combine(experts(permuted, tokens_per_expert, ctx.row_scale, ctx.host_counts), ctx, kernels)
         return self._run_chunked(x, routing, kernels, experts)
 
     def _run_chunked(self, x: torch.Tensor, routing: RoutingResult, kernels: MoEKernels,

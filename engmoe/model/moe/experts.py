@@ -36,20 +36,23 @@ class GroupedExperts(nn.Module):
         return self.w13.to(dtype), self.w2.to(dtype)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, kernels: MoEKernels,
-                row_scale: torch.Tensor | None = None, cast_cache: dict | None = None) -> torch.Tensor:
+                row_scale: torch.Tensor | None = None, cast_cache: dict | None = None,
+                host_counts: list[int] | None = None) -> torch.Tensor:
         """``(swiglu(x @ w13[e]) · row_scale) @ w2[e]`` per expert block; ``row_scale`` is each row's routing
         probability (fused into the activation kernel). ``cast_cache``: one dict per layer call, so the chunks
         of an overlapped all-to-all share one cast; filled here, inside the forward, i.e. after the module's
-        pre-hooks (ZeRO's overlapped parameter all-gather waits there)."""
+        pre-hooks (ZeRO's overlapped parameter all-gather waits there). ``host_counts``: ``tokens_per_expert``
+        as host ints when the dispatcher has them without a sync (libraries that take host sizes need none)."""
         if (self.gradient_accumulation_fusion and kernels.name in grouped.ACCUMULATING_BACKENDS
                 and torch.is_grad_enabled() and x.dtype == self.w13.dtype
                 and wgrad.can_fuse(self.w13) and wgrad.can_fuse(self.w2)):
             # weight gradients added straight into the fp32 main_grad buffers (engmoe.kernels.wgrad)
-            return grouped.grouped_mlp_accumulating(x, tokens_per_expert, self.w13, self.w2, row_scale, kernels)
+            return grouped.grouped_mlp_accumulating(x, tokens_per_expert, self.w13, self.w2, row_scale, kernels,
+                                                    host_counts=host_counts)
         if cast_cache is None:
             w13, w2 = self.weights(x.dtype)
         else:
             if x.dtype not in cast_cache:
                 cast_cache[x.dtype] = self.weights(x.dtype)
             w13, w2 = cast_cache[x.dtype]
-        return kernels.grouped_mlp(x, tokens_per_expert, w13, w2, row_scale)
+        return kernels.grouped_mlp(x, tokens_per_expert, w13, w2, row_scale, host_counts=host_counts)

@@ -96,8 +96,9 @@ class MoELayer(nn.Module):
             tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
         cast_cache: dict = {}  # the weights cast once for all all-to-all chunks of this call
 
-        def run_experts(rows, tokens_per_expert, row_scale):
-            return self.experts(rows, tokens_per_expert, self.kernels, row_scale=row_scale, cast_cache=cast_cache)
+        def run_experts(rows, tokens_per_expert, row_scale, host_counts=None):
+            return self.experts(rows, tokens_per_expert, self.kernels, row_scale=row_scale, cast_cache=cast_cache,
+                                host_counts=host_counts)
 
         out = self.dispatcher.run(tokens, routing, self.kernels, run_experts).view(shape).to(x.dtype)
         self.last_stats = {  # whole micro-batch values (summed over the token group)

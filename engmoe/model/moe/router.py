@@ -31,6 +31,8 @@ class RoutingResult:
     lb_loss_total: Optional[torch.Tensor] = None  # detached, summed over the token group (for logging)
     z_loss_total: Optional[torch.Tensor] = None
     aux_loss_total: Optional[torch.Tensor] = None
+    # this rank's (token, slot) pairs per expert as host ints when known without a sync (forced balance)
+    host_counts: Optional[list[int]] = None
 
 
 def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int,
@@ -56,6 +58,30 @@ def z_loss(logits: torch.Tensor, total_tokens: Optional[int] = None) -> torch.Te
     group's mean when ``total_tokens`` is the token group's count)."""
     total = logits.shape[0] if total_tokens is None else total_tokens
     return torch.logsumexp(logits, dim=-1).pow(2).sum() / total
+
+
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed (token, slot) pairs per expert ``[E]`` (int64). A scatter-add, not ``torch.bincount``: CUDA's
+    bincount reads the input's max on the host (a device sync per layer)."""
+    flat = topk_idx.reshape(-1).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def balanced_assignment(num_tokens: int, top_k: int, num_experts: int, device) -> torch.Tensor:
+    """``[T, k]`` expert ids ``(t·k + j) mod E``: round-robin over the experts, k distinct experts per token
+    (k <= E), and exactly ``T·k/E`` slots per expert when that divides (``force_balanced_routing``)."""
+    slots = torch.arange(num_tokens * top_k, device=device, dtype=torch.int64)
+    return (slots % num_experts).view(num_tokens, top_k)
+
+
+def forced_balanced_topk(probs: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_probs, topk_idx) of the round-robin assignment: the router's probabilities of the assigned
+    experts (renormalised if configured), so the combine and its gradient to the router are the real ones."""
+    idx = balanced_assignment(probs.shape[0], top_k, probs.shape[1], probs.device)
+    chosen = probs.gather(1, idx)
+    if normalize:
+        chosen = chosen / chosen.sum(-1, keepdim=True)
+    return chosen, idx
 
 
 def _group_sum(t: torch.Tensor, group) -> torch.Tensor:
@@ -101,7 +127,9 @@ class TopKRouter(nn.Module):
             logits = x.to(acc) @ self.weight.to(acc).t()
         bias = self.expert_bias if moe.expert_bias_update_rate > 0 else None
         probs, topk_probs, topk_idx = kernels.router_topk(logits, moe.top_k, moe.normalize_topk, bias=bias)
-        local_counts = torch.bincount(topk_idx.reshape(-1), minlength=moe.num_experts)
+        if moe.force_balanced_routing:  # benchmarks: same router compute, round-robin assignment
+            topk_probs, topk_idx = forced_balanced_topk(probs, moe.top_k, moe.normalize_topk)
+        local_counts = expert_counts(topk_idx, moe.num_experts)
         tokens_per_expert = _group_sum(local_counts, self.token_group)
         # sequence and context parallelism split a micro-batch evenly: no count to exchange (no host sync)
         group_size = dist.get_world_size(self.token_group) if self.token_group is not None else 1
@@ -114,7 +142,10 @@ class TopKRouter(nn.Module):
         aux = moe.aux_loss_coeff * lb + moe.z_loss_coeff * zl
         # this rank's shares carry the gradient; the logged values are the group's sums
         logged = _group_sum(torch.stack([lb, zl, aux]).detach(), self.token_group)
-        return RoutingResult(topk_idx, topk_probs, tokens_per_expert, lb, zl, aux, *logged.unbind())
+        host = None
+        if moe.force_balanced_routing and (x.shape[0] * moe.top_k) % moe.num_experts == 0:
+            host = [x.shape[0] * moe.top_k // moe.num_experts] * moe.num_experts
+        return RoutingResult(topk_idx, topk_probs, tokens_per_expert, lb, zl, aux, *logged.unbind(), host_counts=host)
 
     def _global_batch_lb(self, probs: torch.Tensor, local_counts: torch.Tensor, total: int) -> torch.Tensor:
         """This rank's share of the global-batch load-balancing loss of micro-batch m (README, "MoE balancing"):
