@@ -9,6 +9,12 @@ the same process tree, so their ratios come from one machine state.
 
     torchrun --nproc-per-node 1 bench/proxy_profile.py --out $OUT/profile.json \
         --variant base: --variant mb2:stage.micro_batch=2
+
+Keys ``bench.*`` in a variant are the benchmark's own, not config fields: ``bench.data=text`` trains on the real
+text of ``--text`` (bench/prepare_bench_text.py: demo sources in the Tekken tokenizer, so the 131k-vocabulary
+model routes real token statistics) instead of mock tokens. Each result also has the GPU busy share (union of
+kernel intervals in the profiled steps / the unprofiled step wall time) and the expert-load min/max (relative to
+perfect balance, over layers, of the last timed step). ``--time-budget`` skips the variants that would not fit.
 """
 from __future__ import annotations
 
@@ -57,7 +63,58 @@ def parse_args() -> argparse.Namespace:
                    help="name:key=value,key=value (config overrides on top of the base); repeatable")
     p.add_argument("--trace", default=None, help="write the chrome trace of the first variant here")
     p.add_argument("--out", default=None, help="JSON results")
+    p.add_argument("--text", default=None, help="folder of bench/prepare_bench_text.py (for bench.data=text)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for all variants: a variant is skipped when the longest one so far would not fit")
     return p.parse_args()
+
+
+class FlatTokenDataset:
+    """Windows of ``seq_len + 1`` tokens of a flat uint32 token file (bench/prepare_bench_text.py); sample i
+    starts at ``i · seq_len`` modulo the file, so consecutive samples are consecutive text."""
+
+    def __init__(self, folder: str, seq_len: int, vocab_size: int):
+        import numpy as np
+
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        self.tokens = np.fromfile(Path(folder) / "tokens.u32", dtype="<u4")
+        if self.tokens.size != meta["tokens"] or self.tokens.size < seq_len + 1:
+            raise ValueError(f"{folder}/tokens.u32: {self.tokens.size} tokens, meta.json says {meta['tokens']} "
+                             f"(need at least {seq_len + 1})")
+        if meta["vocab_size"] > vocab_size:
+            raise ValueError(f"{folder}: vocabulary {meta['vocab_size']} > model.vocab_size={vocab_size}")
+        self.seq_len, self.meta = seq_len, meta
+        self.windows = (self.tokens.size - 1) // seq_len
+
+    def __len__(self) -> int:
+        return 1 << 30  # any sample index: wraps around the file
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        start = (i % self.windows) * self.seq_len
+        text = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype("int64"))
+        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.seq_len),
+                "position_ids": torch.arange(self.seq_len)}
+
+
+def busy_ms(prof) -> float:
+    """Union of the GPU kernel (and memcpy/memset) intervals in ``prof``, in ms: the time the GPU was busy."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    total, cur_s, cur_e = 0.0, None, None
+    for s0, e0 in spans:
+        if cur_e is None or s0 > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s0, e0
+        else:
+            cur_e = max(cur_e, e0)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / 1e3
 
 
 def categorize(name: str) -> str:
@@ -96,21 +153,35 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
     from engmoe.training.trainer import Trainer
 
     total = args.warmup + args.steps + args.profile
-    cfg = load_config(model=args.model, stage=args.stage,
-                      overrides=BASE_OVERRIDES + [f"stage.train_steps={total}"] + overrides)
+    bench = dict(kv.split("=", 1) for kv in overrides if kv.startswith("bench."))
+    overrides = [kv for kv in overrides if not kv.startswith("bench.")]
+    text = bench.get("bench.data") == "text"
+    model = bench.get("bench.model", args.model)
+    base = [o for o in BASE_OVERRIDES if not (text and o == "data.mock=true")]
+    cfg = load_config(model=model, stage=args.stage,
+                      overrides=base + [f"stage.train_steps={total}"] + overrides)
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    data = None
+    if text:
+        from engmoe.training.data import TrainData
+
+        if not args.text:
+            raise SystemExit("bench.data=text needs --text <folder of bench/prepare_bench_text.py>")
+        ds = FlatTokenDataset(args.text, cfg.data.seq_len, cfg.model.vocab_size)
+        data = TrainData(ds, None, None, f"real text {args.text} ({ds.meta['tokens']:,} Tekken tokens)")
+    trainer = Trainer(cfg, log=lambda *a, **k: None, data=data)
     tokens_per_step = cfg.stage.global_batch * cfg.data.seq_len
     for _ in range(args.warmup):
         trainer.train_step()
     sync()
     t0 = time.perf_counter()
-    losses = []
+    losses, m = [], {}
     for _ in range(args.steps):
-        losses.append(trainer.train_step()["lm_loss"])
+        m = trainer.train_step()
+        losses.append(m["lm_loss"])
     sync()
     step_s = (time.perf_counter() - t0) / max(args.steps, 1)
     tps = tokens_per_step / step_s
@@ -118,7 +189,11 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
     result = {"variant": name, "overrides": overrides, "step_ms": 1e3 * step_s, "tokens_per_s": tps,
               "tflops": flops / 1e12, "mfu": flops / trainer.peak if trainer.peak else None,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "losses": losses,
-              "flops_per_token": trainer.flops_per_token}
+              "flops_per_token": trainer.flops_per_token, "model": model, "micro_batch": cfg.stage.micro_batch,
+              "global_batch": cfg.stage.global_batch, "data": "text" if text else "mock",
+              "forced_balance": cfg.model.moe.force_balanced_routing,
+              "cuda_graphs": getattr(cfg.model, "cuda_graphs", "none"),
+              "expert_load_min": m.get("expert_load_min"), "expert_load_max": m.get("expert_load_max")}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -127,14 +202,16 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
                 trainer.train_step()
             sync()
         result.update(profile_breakdown(prof, args.profile))
+        result["busy_ms_per_step"] = busy_ms(prof) / args.profile
+        result["busy_share"] = result["busy_ms_per_step"] / result["step_ms"]
         if trace:
             prof.export_chrome_trace(trace)
     print(f"\n=== {name} {overrides}\nstep {result['step_ms']:.1f} ms | {tps:,.0f} tok/s | "
           f"{result['tflops']:.1f} TFLOP/s | MFU {100 * (result['mfu'] or 0):.1f}% | "
           f"peak {result['peak_mem_gib']:.1f} GiB | loss {losses[0]:.3f}→{losses[-1]:.3f}", flush=True)
     if args.profile:
-        print(f"profiled device time {result['device_ms_per_step']:.1f} ms/step (busy share "
-              f"{result['device_ms_per_step'] / result['step_ms']:.0%} of wall)")
+        print(f"profiled device time {result['device_ms_per_step']:.1f} ms/step, GPU busy (kernel union) "
+              f"{result['busy_ms_per_step']:.1f} ms/step = {result['busy_share']:.0%} of the step wall")
         for cat, ms in result["categories_ms_per_step"].items():
             print(f"  {cat:<36} {ms:8.2f} ms  {ms / result['step_ms']:6.1%}")
         print("  top kernels:")
@@ -154,9 +231,16 @@ def main() -> int:
     args = parse_args()
     variants = args.variant or ["base:"]
     results = []
+    t_start, longest = time.perf_counter(), 0.0
     for i, spec in enumerate(variants):
         name, _, rest = spec.partition(":")
         overrides = [kv for kv in rest.split(",") if kv]
+        spent = time.perf_counter() - t_start
+        if args.time_budget is not None and spent + longest > args.time_budget:
+            print(f"\n=== {name}: skipped (time budget {args.time_budget:.0f} s, {spent:.0f} s spent)", flush=True)
+            results.append({"variant": name, "overrides": overrides, "error": "skipped: time budget"})
+            continue
+        t_var = time.perf_counter()
         try:
             results.append(run_variant(args, name, overrides, args.trace if i == 0 else None))
         except Exception as exc:  # keep the other variants' numbers
@@ -164,15 +248,20 @@ def main() -> int:
 
             traceback.print_exc()
             results.append({"variant": name, "overrides": overrides, "error": repr(exc)})
+        longest = max(longest, time.perf_counter() - t_var)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
     base = next((r for r in results if "step_ms" in r), None)
     if base:
-        print("\nvariant                 step ms   tok/s      MFU    vs first")
+        print("\nvariant                 step ms   tok/s      MFU    busy  load min/max  peak GiB  vs first")
         for r in results:
             if "step_ms" in r:
+                busy = f"{r['busy_share']:5.0%}" if "busy_share" in r else "  n/a"
+                lo, hi = r.get("expert_load_min"), r.get("expert_load_max")
+                load = f"{lo:.2f}/{hi:.2f}" if lo is not None else "n/a"
                 print(f"{r['variant']:<22} {r['step_ms']:8.1f} {r['tokens_per_s']:9,.0f} "
-                      f"{100 * (r['mfu'] or 0):6.1f}%  {base['step_ms'] / r['step_ms']:.2f}x")
+                      f"{100 * (r['mfu'] or 0):6.1f}%  {busy} {load:>12} {r['peak_mem_gib']:8.1f}  "
+                      f"{base['step_ms'] / r['step_ms']:.2f}x")
             else:
                 print(f"{r['variant']:<22} failed: {r['error'][:80]}")
     return 0
