@@ -101,6 +101,7 @@ class MoEConfig:
 
 
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm")
+CUDA_GRAPH_MODES = ("none", "attention")  # engmoe.model.cuda_graphs
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "te", "naive")
 
 
@@ -134,6 +135,10 @@ class ModelConfig:
     # experts, engmoe.parallel.grad_fusion). auto: on for bf16 parameters on CUDA where the fp32-output GEMM
     # exists, off elsewhere; true also works on CPU (fp32 addmm into main_grad).
     gradient_accumulation_fusion: bool | Literal["auto"] = "auto"
+    # Partial CUDA graphs (engmoe.model.cuda_graphs): "none" or "attention" (each layer's norm → attention →
+    # residual → norm half replayed as one graph in training; the MoE half stays eager, it is dynamic under
+    # expert parallelism). Needs pipeline = tensor = context = 1.
+    cuda_graphs: str = "none"
 
     def validate(self, where: str = "model") -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
@@ -149,6 +154,8 @@ class ModelConfig:
         _check(self.init_std > 0, f"{where}.init_std", "must be > 0")
         _check(self.attention_backend in ATTENTION_BACKENDS, f"{where}.attention_backend",
                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        _check(self.cuda_graphs in CUDA_GRAPH_MODES, f"{where}.cuda_graphs",
+               f"must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graphs!r}")
         _check(self.cross_entropy in ("fused", "megatron"), f"{where}.cross_entropy",
                f"must be fused or megatron, got {self.cross_entropy!r}")
         _check(self.gradient_accumulation_fusion in (True, False, "auto"), f"{where}.gradient_accumulation_fusion",
@@ -391,6 +398,12 @@ def validate_layout(cfg: "Config") -> None:
            f"the sequence per context rank ({seq}/{par.context} = {local}) must be a multiple of "
            f"parallel.tensor={par.tensor} for sequence parallelism")
     _check(seq <= m.max_seq_len, "data.seq_len", f"{seq} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.cuda_graphs != "none":
+        # one graph per layer holds one micro-batch's activations: 1F1B keeps several in flight; TP/SP/CP put
+        # collectives or data-dependent plans inside the block
+        for name in ("pipeline", "tensor", "context"):
+            _check(getattr(par, name) == 1, "model.cuda_graphs",
+                   f"{m.cuda_graphs!r} needs parallel.{name}=1 (got {getattr(par, name)}); use cuda_graphs=none")
     _check(not m.moe.force_balanced_routing or cfg.data.mock or m.moe.force_balanced_routing_on_real_data,
            "model.moe.force_balanced_routing", "is for benchmarks (routing is not learned): set data.mock=true, "
            "or model.moe.force_balanced_routing_on_real_data=true to force it on real data")

@@ -18,6 +18,7 @@ from engmoe.config import ConfigError, ModelConfig, ParallelConfig
 from engmoe.kernels.cross_entropy import fused_cross_entropy
 from engmoe.model.attention import SelfAttention
 from engmoe.model.compiled import set_enabled as set_compile_elementwise
+from engmoe.model.cuda_graphs import AttentionBlock, LayerGraphs, graphable
 from engmoe.model.moe import MoELayer
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding
@@ -62,9 +63,15 @@ class TransformerLayer(nn.Module):
                             a2a_chunks=a2a_chunks, batch_group=batch_group)
         self.mlp.layer_number = layer_number  # global: rows of the expert-load statistics
 
-    def forward(self, x, rotary, doc_ids=None, cp_plan=None, kv=None):
-        x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan, kv)
-        return x + self.mlp(self.post_attention_norm(x))
+    def forward(self, x, rotary, doc_ids=None, cp_plan=None, kv=None, block=None):
+        """``block``: the graphed attention half (``engmoe.model.cuda_graphs``), same math, when it applies;
+        ``kv``: this layer's KV cache (generation)."""
+        if block is not None:
+            x, normed = block(x, *rotary)
+        else:
+            x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan, kv)
+            normed = self.post_attention_norm(x)
+        return x + self.mlp(normed)
 
 
 def split_layers(num_layers: int, pp: int, pipeline_layers: Optional[list[int]] = None) -> list[int]:
@@ -137,6 +144,9 @@ class EngMoEModel(nn.Module):
                              a2a_chunks=parallel.moe_a2a_chunks if parallel.moe_a2a_overlap else 1,
                              batch_group=batch_group)
             for i in range(n_local))
+        # partial CUDA graphs: plain attribute, the blocks reference the layers' modules (no new parameter names)
+        self.layer_graphs = LayerGraphs([AttentionBlock(l.input_norm, l.attention, l.post_attention_norm)
+                                         for l in self.layers]) if cfg.cuda_graphs == "attention" else None
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=params_dtype)
             if cfg.tie_embeddings and not pre_process:
@@ -197,8 +207,12 @@ class EngMoEModel(nn.Module):
         else:
             x = self.input_tensor
         rotary = self.rotary(position_ids)
+        graphs = self.layer_graphs if (self.layer_graphs is not None and kv_cache is None
+                                       and graphable(x, doc_ids, cp_plan, self.training)) else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rotary, doc_ids, cp_plan, kv_cache.layers[i] if kv_cache is not None else None)
+            block = (lambda h, cos, sin, i=i: graphs(i, h, cos, sin)) if graphs is not None else None
+            x = layer(x, rotary, doc_ids, cp_plan, kv_cache.layers[i] if kv_cache is not None else None,
+                      block=block)
         if not self.post_process:
             return x
         x = self.final_norm(x)

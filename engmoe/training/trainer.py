@@ -143,7 +143,10 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        # pinned host memory: the copy is truly asynchronous (a pageable one can wait for the GPU's queue)
+        pin = self.device.type == "cuda"
+        batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True)
+                 for k, v in next(data_iterator).items()}
         batch = shard_batch(batch, self.env.cp, self.env.cp_rank)  # no-op without context parallelism
         with self.autocast:
             out = model(batch["tokens"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),

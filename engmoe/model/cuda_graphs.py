@@ -1,0 +1,95 @@
+"""Partial CUDA graphs (``model.cuda_graphs``): replay the static-shape part of every layer as one graph.
+
+Why: at micro-batch 1 a layer's attention half is ~20 small kernels (norm, QKV GEMM, rotary, attention, output
+GEMM, residual, norm, and as many backward) whose launch cost, paid by one Python thread, can exceed their GPU
+time; a captured graph is one launch forward and one backward. Megatron-core's partial CUDA graphs do the same.
+
+What is captured and what cannot be, in every layout (so what works here carries over to expert parallelism):
+
+* ``attention`` — per layer: input RMSNorm → QKV projection → rotary → attention core → output projection →
+  residual add → post-attention RMSNorm. Its shapes depend only on (sequence, micro-batch, hidden), never on
+  the routing, so it is static under any expert-parallel degree.
+* not captured: the MoE half. Dropless dispatch is data-dependent: under expert parallelism the all-to-all
+  needs the per-expert row counts on the host (split sizes, ``AllToAllDispatcher``: one sync per layer) and
+  the expert GEMMs' row counts change every step. A whole-layer graph would only work at ep1, so it is not
+  done. (The router GEMM + softmax/top-k is static too; it stays eager because it sits inside the MoE layer
+  with its statistics, and it is 2 kernels.)
+
+How it is captured: ``torch.cuda.make_graphed_callables`` over the blocks of all local layers at once, on the
+first training forward (sample inputs of the real shapes): one memory pool, forward graphs in layer order and
+backward graphs in reverse, which is the order the schedule runs them. The graphed block is an autograd
+function whose backward returns the parameter gradients to their ``AccumulateGrad`` nodes, so megatron DDP's
+gradient hooks (``main_grad += grad``, bucket reduction) run eagerly exactly as without graphs. Autocast: the
+capture runs under the caller's autocast dtype with the autocast weight cache off (a cached cast inside a graph
+would go stale); with bf16 parameters (the GPU default) there are no casts of parameters anyway.
+
+Where it falls back to the eager path (same math): CPU, evaluation / no-grad, document masks (packed data: the
+block mask is data-dependent) and context parallelism. Config checks refuse layouts where replaying one graph
+per layer is wrong: pipeline parallelism (1F1B keeps several micro-batches in flight, each would need its own
+graph's buffers) and tensor/sequence parallelism (collectives inside the block; not captured here).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from engmoe.config import CUDA_GRAPH_MODES  # noqa: F401  (re-exported: the modes live with the config)
+
+
+class AttentionBlock(nn.Module):
+    """The attention half of a transformer layer: ``h = x + attn(norm1(x))``, returns ``(h, norm2(h))``.
+
+    Holds references to the layer's own submodules (it is not registered in the layer, so parameter names and
+    checkpoints do not change); ``parameters()`` are the layer's attention and norm parameters."""
+
+    def __init__(self, input_norm: nn.Module, attention: nn.Module, post_attention_norm: nn.Module):
+        super().__init__()
+        self.input_norm, self.attention, self.post_attention_norm = input_norm, attention, post_attention_norm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        h = x + self.attention(self.input_norm(x), (cos, sin))
+        return h, self.post_attention_norm(h)
+
+
+def graphable(x: torch.Tensor, doc_ids, cp_plan, training: bool) -> bool:
+    """Whether this call may replay a graph: a CUDA training forward with grad, no document mask, no CP."""
+    return (x.is_cuda and training and torch.is_grad_enabled() and x.requires_grad and doc_ids is None
+            and cp_plan is None)
+
+
+class LayerGraphs:
+    """The graphed attention blocks of one model chunk, captured lazily per input signature."""
+
+    def __init__(self, blocks: list[AttentionBlock]):
+        self.blocks = blocks
+        self._graphed: dict[tuple, tuple] = {}
+        self._pending: Optional[tuple] = None
+
+    @staticmethod
+    def signature(x: torch.Tensor, cos: torch.Tensor) -> tuple:
+        ac = torch.is_autocast_enabled(x.device.type)
+        return (tuple(x.shape), x.dtype, tuple(cos.shape), cos.dtype, ac,
+                torch.get_autocast_dtype(x.device.type) if ac else None)
+
+    def _capture(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        samples = tuple((x.detach().clone().requires_grad_(True), cos.detach().clone(), sin.detach().clone())
+                        for _ in self.blocks)
+        dev = x.device.type
+        ac = torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev)
+        # fresh block objects: make_graphed_callables replaces a module's forward, one signature each
+        blocks = tuple(AttentionBlock(b.input_norm, b.attention, b.post_attention_norm).train(True)
+                       for b in self.blocks)
+        with torch.autocast(dev, dtype=dtype, enabled=ac, cache_enabled=False):
+            graphed = torch.cuda.make_graphed_callables(blocks, samples)
+        return tuple(graphed)
+
+    def __call__(self, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer ``index``'s block on (x, cos, sin), replayed from its graph (captured on first use)."""
+        key = self.signature(x, cos)
+        graphed = self._graphed.get(key)
+        if graphed is None:
+            graphed = self._graphed[key] = self._capture(x, cos, sin)
+        return graphed[index](x, cos, sin)
