@@ -169,7 +169,7 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
         from engmoe.training.data import TrainData
 
         if not args.text:
-            raise SystemExit("bench.data=text needs --text <folder of bench/prepare_bench_text.py>")
+            raise ValueError("bench.data=text needs --text <folder of bench/prepare_bench_text.py>")
         ds = FlatTokenDataset(args.text, cfg.data.seq_len, cfg.model.vocab_size)
         data = TrainData(ds, None, None, f"real text {args.text} ({ds.meta['tokens']:,} Tekken tokens)")
     trainer = Trainer(cfg, log=lambda *a, **k: None, data=data)
@@ -229,6 +229,9 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
 
 def main() -> int:
     args = parse_args()
+    import engmoe
+
+    print(f"engmoe from {Path(engmoe.__file__).parent}", flush=True)  # the before tree must run its own code
     variants = args.variant or ["base:"]
     results = []
     t_start, longest = time.perf_counter(), 0.0

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Issue 11 in ONE device call (1x H200, ~9 min): one GPU's share of the 16B model (ep4-share preset) trained by the
+# real Trainer, before (a `git archive` of an earlier commit) / after (this tree) / megatron-core's GPTModel step
+# (.whl/mcore_gpt_step_anchor.py), three routing modes side by side, then one table (bench/step_share_table.py).
+#
+#   BEFORE=.whl/before-a05e2ed.tgz TEXT=data/bench-tekken bash bench/step_share.sh     # carry [".whl", "data/bench-tekken"]
+#
+# BEFORE: tarball of the earlier tree (made on the CPU side: git archive --format=tar.gz -o .whl/before-a05e2ed.tgz
+# a05e2ed); without it the before part is skipped. TEXT: folder of bench/prepare_bench_text.py (real text in the
+# Tekken tokenizer). Each part runs under its own time budget (BUDGET_BEFORE, BUDGET_AFTER; megatron-core gets what is
+# left); a variant that would not fit is reported as skipped. AFTER_VARIANTS / BEFORE_VARIANTS (space-separated names
+# from the list below) pick other variants, e.g. for a second call. Results: $OUT/{before,after,mcore}.json, the logs,
+# and $OUT/table.txt.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/step_share}; mkdir -p "$OUT"
+S=$(date +%s); TOTAL=${TOTAL:-560}
+left() { echo $(( TOTAL - ($(date +%s) - S) )); }
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+TEXT=${TEXT:-data/bench-tekken}
+COMMON="--warmup 2 --steps 3 --profile 1 --text $ROOT/$TEXT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+# ---- wheels, builds (grouped_gemm for the anchor in the background, engmoe._C in the foreground) ------------------
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
+( rm -rf /tmp/gg && mkdir -p /tmp/gg && tar xzf .whl/grouped_gemm-0.3.0.tar.gz -C /tmp/gg \
+  && cd /tmp/gg/grouped_gemm-0.3.0 && PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=6 \
+  python3 -m pip install --no-build-isolation --no-deps --no-cache-dir --target /tmp/site_gg . ) >"$OUT/gg_build.log" 2>&1 &
+GG=$!
+build_ext() {  # $1: tree; builds engmoe._C in place (pip -e; setup.py build_ext as the fallback)
+  (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a MAX_JOBS=10 timeout 260 \
+     python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . \
+   || (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a MAX_JOBS=10 timeout 260 python3 setup.py build_ext --inplace))
+}
+if ! PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; assert c.load_extension()" 2>/dev/null; then
+  build_ext "$ROOT" >"$OUT/build.log" 2>&1; echo "engmoe._C build rc=$? ($(( $(date +%s) - S )) s)"
+fi
+PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; print('engmoe ops loaded:', c.load_extension(), c.load_error())"
+
+# ---- variants (name -> overrides; bench.* keys are the benchmark's: bench.data=text, bench.model=proxy) -------------
+declare -A V=(
+  [forced-mb1]="stage.micro_batch=1,model.moe.force_balanced_routing=true"
+  [mock-mb1]="stage.micro_batch=1"
+  [text-mb1]="stage.micro_batch=1,bench.data=text"
+  [forced-mb2]="stage.micro_batch=2,model.moe.force_balanced_routing=true"
+  [mock-mb2]="stage.micro_batch=2"
+  [text-mb2]="stage.micro_batch=2,bench.data=text"
+  [mock-mb1-graphs]="stage.micro_batch=1,model.cuda_graphs=attention"
+  [forced-mb1-graphs]="stage.micro_batch=1,model.moe.force_balanced_routing=true,model.cuda_graphs=attention"
+  [mock-mb2-graphs]="stage.micro_batch=2,model.cuda_graphs=attention"
+  [proxy-mb2]="bench.model=proxy,stage.micro_batch=2"
+  [proxy-mb4]="bench.model=proxy,stage.micro_batch=4"
+  [proxy-mb2-graphs]="bench.model=proxy,stage.micro_batch=2,model.cuda_graphs=attention"
+)
+AFTER_VARIANTS=${AFTER_VARIANTS:-"forced-mb1 mock-mb1 text-mb1 mock-mb1-graphs forced-mb2 mock-mb2 text-mb2 proxy-mb2"}
+BEFORE_VARIANTS=${BEFORE_VARIANTS:-"mock-mb1 text-mb1"}  # the before tree has no force_balanced_routing / cuda_graphs
+args() { for n in $1; do printf -- "--variant %s:stage.global_batch=32,%s " "$n" "${V[$n]}"; done; }
+profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants
+  (cd "$1" && PYTHONPATH=$1:/tmp/site timeout $(( $3 + 60 )) torchrun --nproc-per-node 1 --master-port $((29500 + RANDOM % 500)) \
+     bench/proxy_profile.py --model ep4-share --out "$OUT/$2.json" --time-budget "$3" $COMMON $(args "$4") 2>&1 \
+     | grep -v -i "warn" | tee "$OUT/$2.log" | grep -E "^===|^step |busy|Error|error" )
+}
+
+# ---- before: the earlier tree runs its own model/trainer code (our harness: bench/proxy_profile.py) ----------------
+if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then
+  rm -rf /tmp/before && mkdir -p /tmp/before && tar xzf "$BEFORE" -C /tmp/before
+  cp bench/proxy_profile.py /tmp/before/bench/
+  mkdir -p /tmp/before/configs/model  # the preset is new: give the before tree the same one
+  [ -f /tmp/before/configs/model/ep4-share.yaml ] || cp "$(find engmoe configs -name ep4-share.yaml 2>/dev/null | head -1)" \
+      /tmp/before/configs/model/
+  if diff -rq csrc /tmp/before/csrc >/dev/null; then cp engmoe/_C*.so /tmp/before/engmoe/  # same kernels: same .so
+  else build_ext /tmp/before >"$OUT/build_before.log" 2>&1; echo "before build rc=$?"; fi
+  echo "== before ($BEFORE), $(left) s left"
+  profile /tmp/before before "${BUDGET_BEFORE:-110}" "$BEFORE_VARIANTS"
+else
+  echo "== before: skipped (BEFORE=${BEFORE:-unset} is not a file)"
+fi
+
+# ---- after: this tree ------------------------------------------------------------------------------------------
+B=$(( $(left) - ${BUDGET_MCORE:-150} )); B=${BUDGET_AFTER:-$B}
+echo "== after, budget $B s ($(left) s left)"
+profile "$ROOT" after "$B" "$AFTER_VARIANTS"
+
+# ---- megatron-core's GPTModel step at the same dims, same call --------------------------------------------------
+wait $GG; echo "grouped_gemm build rc=$? ($(tail -1 "$OUT/gg_build.log" | cut -c1-120))"
+M=$(( $(left) - 15 ))
+echo "== megatron-core anchor, budget $M s"
+if [ "$M" -gt 70 ]; then
+  PYTHONPATH=/tmp/site:/tmp/site_gg timeout $(( M + 20 )) python3 .whl/mcore_gpt_step_anchor.py --core-attention sdpa \
+    --micro-batch 1 2 --warmup 2 --steps 3 --time-budget "$M" --json "$OUT/mcore.json" >"$OUT/mcore.log" 2>&1
+  tail -6 "$OUT/mcore.log"
+else
+  echo "megatron-core anchor skipped: ${M} s left"
+fi
+PYTHONPATH=$ROOT python3 bench/step_share_table.py "$OUT" | tee "$OUT/table.txt"
+echo "total $(( $(date +%s) - S )) s"
