@@ -49,10 +49,12 @@ def rope_frequencies(head_dim: int, rope: RopeConfig) -> tuple[torch.Tensor, flo
 class RotaryEmbedding(nn.Module):
     """Produces (cos, sin) ``[S, B, 1, head_dim]`` for given position ids (per-document positions allowed)."""
 
-    def __init__(self, head_dim: int, rope: RopeConfig):
+    def __init__(self, head_dim: int, rope: RopeConfig, device=None):
+        """``device``: where the model runs. The frequencies live there: a CPU buffer would be copied to the GPU
+        on every forward, a synchronous copy (the host waits for the GPU's queue to drain)."""
         super().__init__()
         inv_freq, self.attention_factor = rope_frequencies(head_dim, rope)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(device) if device is not None else inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,7 +136,7 @@ class EngMoEModel(nn.Module):
                 reduce_scatter_embeddings=parallel.sequence_parallel)
             mark_vocab_rows(self.embedding.weight, cfg.vocab_size)
             mark_tensor_parallel(self.embedding.weight, 0)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, device=device)
         n_local = cfg.num_layers if num_local_layers is None else num_local_layers
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, layer_offset + i, layer_config, parallel.expert, ep_rank, device, params_dtype,
