@@ -53,7 +53,7 @@ declare -A V=(
   [proxy-mb4]="bench.model=proxy,stage.micro_batch=4"
   [proxy-mb2-graphs]="bench.model=proxy,stage.micro_batch=2,model.cuda_graphs=attention"
 )
-AFTER_VARIANTS=${AFTER_VARIANTS:-"forced-mb1 mock-mb1 text-mb1 mock-mb1-graphs forced-mb2 mock-mb2 text-mb2 proxy-mb2"}
+AFTER_VARIANTS=${AFTER_VARIANTS:-"forced-mb1 mock-mb1 text-mb1 mock-mb1-graphs forced-mb2 mock-mb2 text-mb2 proxy-mb4"}
 BEFORE_VARIANTS=${BEFORE_VARIANTS:-"mock-mb1 text-mb1"}  # the before tree has no force_balanced_routing / cuda_graphs
 args() { for n in $1; do printf -- "--variant %s:stage.global_batch=32,%s " "$n" "${V[$n]}"; done; }
 profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants
