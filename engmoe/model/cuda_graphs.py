@@ -59,6 +59,16 @@ def graphable(x: torch.Tensor, doc_ids, cp_plan, training: bool) -> bool:
             and cp_plan is None)
 
 
+def check_no_module_hooks(blocks: list[nn.Module]) -> None:
+    """Module hooks inside a graphed block would run once, at capture, and never at replay (e.g. a ZeRO
+    parameter all-gather overlapped through forward pre-hooks): refuse them with a clear message."""
+    for i, block in enumerate(blocks):
+        for name, m in block.named_modules():
+            if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
+                raise RuntimeError(f"model.cuda_graphs: layer {i} module {name or '<block>'} has module hooks, which "
+                                   "a CUDA graph would run only at capture; use model.cuda_graphs=none with them")
+
+
 class LayerGraphs:
     """The graphed attention blocks of one model chunk, captured lazily per input signature."""
 
@@ -76,6 +86,7 @@ class LayerGraphs:
     def _capture(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         samples = tuple((x.detach().clone().requires_grad_(True), cos.detach().clone(), sin.detach().clone())
                         for _ in self.blocks)
+        check_no_module_hooks(self.blocks)
         dev = x.device.type
         ac = torch.is_autocast_enabled(dev)
         dtype = torch.get_autocast_dtype(dev)

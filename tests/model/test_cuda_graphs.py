@@ -60,6 +60,17 @@ def test_graphed_model_on_cpu_is_the_eager_model(single_rank):
         assert torch.equal(p.grad, q.grad), n
 
 
+def test_module_hooks_inside_a_graphed_block_are_refused(single_rank):
+    from engmoe.model import build_model_chunks
+    from engmoe.model.cuda_graphs import check_no_module_hooks
+
+    model = build_model_chunks(_cfg("attention", "model.moe.kernel_backend=reference").model, device="cpu")[0]
+    check_no_module_hooks(model.layer_graphs.blocks)
+    model.layers[1].attention.linear_qkv.register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(RuntimeError, match=r"model\.cuda_graphs: layer 1 module attention\.linear_qkv"):
+        check_no_module_hooks(model.layer_graphs.blocks)
+
+
 gpu = pytest.mark.gpu
 
 
