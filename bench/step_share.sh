@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Issue 11 in ONE device call (1x H200, ~9 min): one GPU's share of the 16B model (ep4-share preset) trained by the
-# real Trainer, before (a `git archive` of an earlier commit) / after (this tree) / megatron-core's GPTModel step
-# (.whl/mcore_gpt_step_anchor.py), three routing modes side by side, then one table (bench/step_share_table.py).
+# Issue 11 on one H200: one GPU's share of the 16B model (ep4-share preset) trained by the real Trainer, before (a
+# `git archive` of an earlier commit) / after (this tree) / megatron-core's GPTModel step (.whl/mcore_gpt_step_anchor.py)
+# in the same call, three routing modes side by side (forced balance, mock tokens, real text), then one table
+# (bench/step_share_table.py). A step at global batch 32 x 4096 takes ~5-8 s, so one ~9-minute call holds one
+# micro-batch size: SET=mb1 (default) or SET=mb2 (+ the proxy at micro-batch 4), two calls for the whole table:
 #
-#   BEFORE=.whl/before-a05e2ed.tgz TEXT=data/bench-tekken bash bench/step_share.sh     # carry [".whl", "data/bench-tekken"]
+#   SET=mb1 BEFORE=.whl/before-a05e2ed.tgz bash bench/step_share.sh       # carry [".whl", "data/bench-tekken"]
+#   SET=mb2 BEFORE=.whl/before-a05e2ed.tgz bash bench/step_share.sh
 #
-# BEFORE: tarball of the earlier tree (made on the CPU side: git archive --format=tar.gz -o .whl/before-a05e2ed.tgz
-# a05e2ed); without it the before part is skipped. TEXT: folder of bench/prepare_bench_text.py (real text in the
-# Tekken tokenizer). Each part runs under its own time budget (BUDGET_BEFORE, BUDGET_AFTER; megatron-core gets what is
-# left); a variant that would not fit is reported as skipped. AFTER_VARIANTS / BEFORE_VARIANTS (space-separated names
-# from the list below) pick other variants, e.g. for a second call. Results: $OUT/{before,after,mcore}.json, the logs,
-# and $OUT/table.txt.
+# BEFORE: tarball of the earlier tree (CPU side: git archive --format=tar.gz -o .whl/before-a05e2ed.tgz a05e2ed);
+# without it the before part is skipped. TEXT: folder of bench/prepare_bench_text.py (real text in the Tekken
+# tokenizer; default data/bench-tekken). Each part runs under its own time budget (BUDGET_BEFORE, BUDGET_MCORE; the
+# after part gets the rest of TOTAL); a variant that would not fit is reported as skipped. AFTER_VARIANTS /
+# BEFORE_VARIANTS / MCORE_MB override the set. Results: $OUT/{before,after,mcore}.json, logs, $OUT/table.txt.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,7 +26,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 
 # ---- wheels, builds (grouped_gemm for the anchor in the background, engmoe._C in the foreground) ------------------
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
-( rm -rf /tmp/gg && mkdir -p /tmp/gg && tar xzf .whl/grouped_gemm-0.3.0.tar.gz -C /tmp/gg \
+[ -d /tmp/site_gg/grouped_gemm ] && GG_DONE=1 || GG_DONE=0  # a warm machine keeps it
+[ $GG_DONE = 1 ] || ( rm -rf /tmp/gg && mkdir -p /tmp/gg && tar xzf .whl/grouped_gemm-0.3.0.tar.gz -C /tmp/gg \
   && cd /tmp/gg/grouped_gemm-0.3.0 && PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=6 \
   python3 -m pip install --no-build-isolation --no-deps --no-cache-dir --target /tmp/site_gg . ) >"$OUT/gg_build.log" 2>&1 &
 GG=$!
@@ -53,11 +56,18 @@ declare -A V=(
   [proxy-mb4]="bench.model=proxy,stage.micro_batch=4"
   [proxy-mb2-graphs]="bench.model=proxy,stage.micro_batch=2,model.cuda_graphs=attention"
 )
-AFTER_VARIANTS=${AFTER_VARIANTS:-"forced-mb1 mock-mb1 text-mb1 mock-mb1-graphs forced-mb2 mock-mb2 text-mb2 proxy-mb4"}
-BEFORE_VARIANTS=${BEFORE_VARIANTS:-"mock-mb1 text-mb1"}  # the before tree has no force_balanced_routing / cuda_graphs
+SET=${SET:-mb1}
+if [ "$SET" = mb2 ]; then
+  D_AFTER="forced-mb2 mock-mb2 text-mb2 mock-mb2-graphs proxy-mb4"; D_BEFORE="mock-mb2"; D_MB="2"
+else
+  D_AFTER="forced-mb1 mock-mb1 text-mb1 mock-mb1-graphs"; D_BEFORE="mock-mb1"; D_MB="1"
+fi
+AFTER_VARIANTS=${AFTER_VARIANTS:-$D_AFTER}
+BEFORE_VARIANTS=${BEFORE_VARIANTS:-$D_BEFORE}  # the before tree has no force_balanced_routing / cuda_graphs
+MCORE_MB=${MCORE_MB:-$D_MB}
 args() { for n in $1; do printf -- "--variant %s:stage.global_batch=32,%s " "$n" "${V[$n]}"; done; }
 profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants
-  (cd "$1" && PYTHONPATH=$1:/tmp/site timeout $(( $3 + 60 )) torchrun --nproc-per-node 1 --master-port $((29500 + RANDOM % 500)) \
+  (cd "$1" && PYTHONPATH=$1:/tmp/site timeout $(( $3 + 150 )) torchrun --nproc-per-node 1 --master-port $((29500 + RANDOM % 500)) \
      bench/proxy_profile.py --model ep4-share --out "$OUT/$2.json" --time-budget "$3" $COMMON $(args "$4") 2>&1 \
      | grep -v -i "warn" | tee "$OUT/$2.log" | grep -E "^===|^step |busy|Error|error" )
 }
@@ -72,23 +82,23 @@ if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then
   if diff -rq csrc /tmp/before/csrc >/dev/null; then cp engmoe/_C*.so /tmp/before/engmoe/  # same kernels: same .so
   else build_ext /tmp/before >"$OUT/build_before.log" 2>&1; echo "before build rc=$?"; fi
   echo "== before ($BEFORE), $(left) s left"
-  profile /tmp/before before "${BUDGET_BEFORE:-110}" "$BEFORE_VARIANTS"
+  profile /tmp/before before "${BUDGET_BEFORE:-80}" "$BEFORE_VARIANTS"
 else
   echo "== before: skipped (BEFORE=${BEFORE:-unset} is not a file)"
 fi
 
 # ---- after: this tree ------------------------------------------------------------------------------------------
-B=$(( $(left) - ${BUDGET_MCORE:-150} )); B=${BUDGET_AFTER:-$B}
+B=$(( $(left) - ${BUDGET_MCORE:-110} )); B=${BUDGET_AFTER:-$B}
 echo "== after, budget $B s ($(left) s left)"
 profile "$ROOT" after "$B" "$AFTER_VARIANTS"
 
 # ---- megatron-core's GPTModel step at the same dims, same call --------------------------------------------------
-wait $GG; echo "grouped_gemm build rc=$? ($(tail -1 "$OUT/gg_build.log" | cut -c1-120))"
+wait $GG; echo "grouped_gemm build rc=$? ($(tail -1 "$OUT/gg_build.log" 2>/dev/null | cut -c1-120))"
 M=$(( $(left) - 15 ))
 echo "== megatron-core anchor, budget $M s"
-if [ "$M" -gt 70 ]; then
+if [ "$M" -gt 60 ]; then
   PYTHONPATH=/tmp/site:/tmp/site_gg timeout $(( M + 20 )) python3 .whl/mcore_gpt_step_anchor.py --core-attention sdpa \
-    --micro-batch 1 2 --warmup 2 --steps 3 --time-budget "$M" --json "$OUT/mcore.json" >"$OUT/mcore.log" 2>&1
+    --micro-batch $MCORE_MB --warmup 2 --steps 3 --time-budget "$M" --json "$OUT/mcore.json" >"$OUT/mcore.log" 2>&1
   tail -6 "$OUT/mcore.log"
 else
   echo "megatron-core anchor skipped: ${M} s left"
