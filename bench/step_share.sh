@@ -12,7 +12,7 @@
 # without it the before part is skipped. TEXT: folder of bench/prepare_bench_text.py (real text in the Tekken
 # tokenizer; default data/bench-tekken). Each part runs under its own time budget (BUDGET_BEFORE, BUDGET_MCORE; the
 # after part gets the rest of TOTAL); a variant that would not fit is reported as skipped. AFTER_VARIANTS /
-# BEFORE_VARIANTS / MCORE_MB override the set. Results: $OUT/{before,after,mcore}.json, logs, $OUT/table.txt.
+# BEFORE_VARIANTS / MCORE_MB override the set; GPU_TESTS=1 runs the gpu-marked tests of this change first. Results: $OUT/{before,after,mcore}.json, logs, $OUT/table.txt.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -40,6 +40,12 @@ if ! PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops 
   build_ext "$ROOT" >"$OUT/build.log" 2>&1; echo "engmoe._C build rc=$? ($(( $(date +%s) - S )) s)"
 fi
 PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; print('engmoe ops loaded:', c.load_extension(), c.load_error())"
+
+# ---- optional: this change's GPU tests first (GPU_TESTS=1; ~1-2 min, taken from the after part's budget) ----------
+if [ -n "${GPU_TESTS:-}" ]; then
+  PYTHONPATH=$ROOT:/tmp/site timeout 200 python3 -m pytest -q -m gpu tests/model/test_cuda_graphs.py \
+    tests/training/test_host_sync_gpu.py -p no:cacheprovider -rfE 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+fi
 
 # ---- variants (name -> overrides; bench.* keys are the benchmark's: bench.data=text, bench.model=proxy) -------------
 declare -A V=(
