@@ -19,7 +19,9 @@ How it is captured: ``torch.cuda.make_graphed_callables`` over the blocks of all
 first training forward (sample inputs of the real shapes): one memory pool, forward graphs in layer order and
 backward graphs in reverse, which is the order the schedule runs them. The graphed block is an autograd
 function whose backward returns the parameter gradients to their ``AccumulateGrad`` nodes, so megatron DDP's
-gradient hooks (``main_grad += grad``, bucket reduction) run eagerly exactly as without graphs. Autocast: the
+gradient hooks (``main_grad += grad``, bucket reduction) run eagerly exactly as without graphs. Those gradients
+live in the graph's static buffers: they must be consumed per backward (DDP's hooks do, and clear ``.grad``);
+a ``.grad`` left from an earlier backward is refused at the next graphed forward. Autocast: the
 capture runs under the caller's autocast dtype with the autocast weight cache off (a cached cast inside a graph
 would go stale); with bf16 parameters (the GPU default) there are no casts of parameters anyway.
 
@@ -99,6 +101,13 @@ class LayerGraphs:
 
     def __call__(self, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Layer ``index``'s block on (x, cos, sin), replayed from its graph (captured on first use)."""
+        if any(p.grad is not None for p in self.blocks[index].parameters()):
+            # the graph returns parameter gradients in static buffers: a .grad kept across backwards would alias
+            # them and be overwritten by the next replay. megatron DDP's hooks consume every gradient into
+            # main_grad and clear .grad; plain .grad accumulation over micro-batches cannot use graphs.
+            raise RuntimeError("model.cuda_graphs: a graphed layer's parameter still holds .grad from an earlier "
+                               "backward; graphs need gradients consumed per backward (megatron DDP's main_grad "
+                               "hooks, or zero_grad(set_to_none=True)); use model.cuda_graphs=none otherwise")
         key = self.signature(x, cos)
         graphed = self._graphed.get(key)
         if graphed is None:

@@ -76,13 +76,17 @@ gpu = pytest.mark.gpu
 
 @gpu
 def test_graphed_layers_match_eager_loss_and_grads(single_rank):
-    """Two micro-batches of forward+backward through a bf16 stack, graphs on vs off, same weights."""
+    """Three micro-batches of forward+backward through a bf16 stack (gradients accumulated into fp32 main_grad
+    by hooks, as megatron DDP does), graphs on vs off, same weights; a .grad left over is refused."""
     from engmoe.model import build_model_chunks
 
     def run(graphs):
         cfg = load_config(model="tiny", overrides=["model.num_layers=3", "data.seq_len=256",
                                                    f"model.cuda_graphs={graphs}"]).model
         model = build_model_chunks(cfg, device="cuda", params_dtype=torch.bfloat16)[0]
+        for p in model.parameters():  # what megatron DDP does: fp32 main_grad += grad, then .grad = None
+            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+            p.register_post_accumulate_grad_hook(lambda q: (q.main_grad.add_(q.grad), setattr(q, "grad", None)))
         g = torch.Generator().manual_seed(0)
         losses = []
         for _ in range(3):  # first call captures, the next ones replay
@@ -91,7 +95,7 @@ def test_graphed_layers_match_eager_loss_and_grads(single_rank):
                 loss = model(tokens, labels=tokens).loss.mean()
             loss.backward()
             losses.append(loss.detach().float())
-        return torch.stack(losses), {n: p.grad.float() for n, p in model.named_parameters()}, model
+        return torch.stack(losses), {n: p.main_grad for n, p in model.named_parameters()}, model
 
     l0, g0, _ = run("none")
     l1, g1, model = run("attention")
@@ -99,6 +103,11 @@ def test_graphed_layers_match_eager_loss_and_grads(single_rank):
     torch.testing.assert_close(l1, l0, rtol=1e-3, atol=1e-3)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=2e-2, atol=2e-3, msg=n)
+    p = model.layers[0].input_norm.weight
+    p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="still holds .grad"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(torch.zeros(2, 256, dtype=torch.long, device="cuda"))
 
 
 @gpu
