@@ -58,6 +58,8 @@ declare -A V=(
   [mock-mb1-graphs]="stage.micro_batch=1,model.cuda_graphs=attention"
   [forced-mb1-graphs]="stage.micro_batch=1,model.moe.force_balanced_routing=true,model.cuda_graphs=attention"
   [mock-mb2-graphs]="stage.micro_batch=2,model.cuda_graphs=attention"
+  [mock-mb1-graphs-router]="stage.micro_batch=1,model.cuda_graphs=attention_router"
+  [mock-mb2-graphs-router]="stage.micro_batch=2,model.cuda_graphs=attention_router"
   [proxy-mb2]="bench.model=proxy,stage.micro_batch=2"
   [proxy-mb4]="bench.model=proxy,stage.micro_batch=4"
   [proxy-mb2-graphs]="bench.model=proxy,stage.micro_batch=2,model.cuda_graphs=attention"

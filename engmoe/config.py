@@ -101,7 +101,7 @@ class MoEConfig:
 
 
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm")
-CUDA_GRAPH_MODES = ("none", "attention")  # engmoe.model.cuda_graphs
+CUDA_GRAPH_MODES = ("none", "attention", "attention_router")  # engmoe.model.cuda_graphs
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "te", "naive")
 
 
@@ -135,9 +135,9 @@ class ModelConfig:
     # experts, engmoe.parallel.grad_fusion). auto: on for bf16 parameters on CUDA where the fp32-output GEMM
     # exists, off elsewhere; true also works on CPU (fp32 addmm into main_grad).
     gradient_accumulation_fusion: bool | Literal["auto"] = "auto"
-    # Partial CUDA graphs (engmoe.model.cuda_graphs): "none" or "attention" (each layer's norm → attention →
-    # residual → norm half replayed as one graph in training; the MoE half stays eager, it is dynamic under
-    # expert parallelism). Needs pipeline = tensor = context = 1.
+    # Partial CUDA graphs (engmoe.model.cuda_graphs): "none", "attention" (each layer's norm → attention →
+    # residual → norm half replayed as one graph in training) or "attention_router" (and the MoE router); the
+    # dispatch/experts stay eager, they are dynamic under expert parallelism. Needs pipeline = tensor = context = 1.
     cuda_graphs: str = "none"
 
     def validate(self, where: str = "model") -> None:

@@ -9,11 +9,13 @@ What is captured and what cannot be, in every layout (so what works here carries
 * ``attention`` — per layer: input RMSNorm → QKV projection → rotary → attention core → output projection →
   residual add → post-attention RMSNorm. Its shapes depend only on (sequence, micro-batch, hidden), never on
   the routing, so it is static under any expert-parallel degree.
-* not captured: the MoE half. Dropless dispatch is data-dependent: under expert parallelism the all-to-all
-  needs the per-expert row counts on the host (split sizes, ``AllToAllDispatcher``: one sync per layer) and
-  the expert GEMMs' row counts change every step. A whole-layer graph would only work at ep1, so it is not
-  done. (The router GEMM + softmax/top-k is static too; it stays eager because it sits inside the MoE layer
-  with its statistics, and it is 2 kernels.)
+* ``attention_router`` — the same block followed by the MoE router (logits GEMM, softmax/top-k, expert counts,
+  load-balancing and z-losses): shapes ``[tokens, experts]``, static under expert parallelism too (the counts
+  stay on the device; the all-to-all's host copy of them happens after, in the dispatcher).
+* never captured: dispatch, experts and combine. Dropless dispatch is data-dependent: under expert parallelism
+  the all-to-all needs the per-expert row counts on the host (split sizes, ``AllToAllDispatcher``: one sync per
+  layer) and the expert GEMMs' row counts change every step. A whole-layer graph would only work at ep1, so it
+  is not done.
 
 How it is captured: ``torch.cuda.make_graphed_callables`` over the blocks of all local layers at once, on the
 first training forward (sample inputs of the real shapes): one memory pool, forward graphs in layer order and
@@ -41,18 +43,31 @@ from engmoe.config import CUDA_GRAPH_MODES  # noqa: F401  (re-exported: the mode
 
 
 class AttentionBlock(nn.Module):
-    """The attention half of a transformer layer: ``h = x + attn(norm1(x))``, returns ``(h, norm2(h))``.
+    """The static half of a transformer layer: ``h = x + attn(norm1(x))``, returns ``(h, norm2(h))``, and with a
+    ``router`` (mode ``attention_router``) also the router's result on ``norm2(h)`` as a flat tuple of tensors
+    (``engmoe.model.moe.router.ROUTING_TENSORS``).
 
     Holds references to the layer's own submodules (it is not registered in the layer, so parameter names and
-    checkpoints do not change); ``parameters()`` are the layer's attention and norm parameters."""
+    checkpoints do not change); ``parameters()`` are the layer's attention, norm (and router) parameters."""
 
-    def __init__(self, input_norm: nn.Module, attention: nn.Module, post_attention_norm: nn.Module):
+    def __init__(self, input_norm: nn.Module, attention: nn.Module, post_attention_norm: nn.Module,
+                 router: Optional[nn.Module] = None, kernels=None):
         super().__init__()
         self.input_norm, self.attention, self.post_attention_norm = input_norm, attention, post_attention_norm
+        self.router = router
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        from engmoe.model.moe.router import routing_tensors
+
         h = x + self.attention(self.input_norm(x), (cos, sin))
-        return h, self.post_attention_norm(h)
+        normed = self.post_attention_norm(h)
+        if self.router is None:
+            return h, normed
+        return (h, normed, *routing_tensors(self.router(normed.reshape(-1, normed.shape[-1]), self.kernels)))
+
+    def clone(self) -> "AttentionBlock":
+        return AttentionBlock(self.input_norm, self.attention, self.post_attention_norm, self.router, self.kernels)
 
 
 def graphable(x: torch.Tensor, doc_ids, cp_plan, training: bool) -> bool:
@@ -93,8 +108,7 @@ class LayerGraphs:
         ac = torch.is_autocast_enabled(dev)
         dtype = torch.get_autocast_dtype(dev)
         # fresh block objects: make_graphed_callables replaces a module's forward, one signature each
-        blocks = tuple(AttentionBlock(b.input_norm, b.attention, b.post_attention_norm).train(True)
-                       for b in self.blocks)
+        blocks = tuple(b.clone().train(True) for b in self.blocks)
         with torch.autocast(dev, dtype=dtype, enabled=ac, cache_enabled=False):
             graphed = torch.cuda.make_graphed_callables(blocks, samples)
         return tuple(graphed)

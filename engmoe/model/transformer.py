@@ -20,6 +20,7 @@ from engmoe.model.attention import SelfAttention
 from engmoe.model.compiled import set_enabled as set_compile_elementwise
 from engmoe.model.cuda_graphs import AttentionBlock, LayerGraphs, graphable
 from engmoe.model.moe import MoELayer
+from engmoe.model.moe.router import forced_host_counts, routing_from_tensors
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding
 from engmoe.parallel import ParallelEnv
@@ -66,12 +67,15 @@ class TransformerLayer(nn.Module):
     def forward(self, x, rotary, doc_ids=None, cp_plan=None, kv=None, block=None):
         """``block``: the graphed attention half (``engmoe.model.cuda_graphs``), same math, when it applies;
         ``kv``: this layer's KV cache (generation)."""
+        routing = None
         if block is not None:
-            x, normed = block(x, *rotary)
+            x, normed, *routed = block(x, *rotary)
+            if routed:  # the router ran inside the graph
+                routing = routing_from_tensors(routed, forced_host_counts(self.mlp.moe, normed.shape[0] * normed.shape[1]))
         else:
             x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan, kv)
             normed = self.post_attention_norm(x)
-        return x + self.mlp(normed)
+        return x + self.mlp(normed, routing=routing)
 
 
 def split_layers(num_layers: int, pp: int, pipeline_layers: Optional[list[int]] = None) -> list[int]:
@@ -145,8 +149,10 @@ class EngMoEModel(nn.Module):
                              batch_group=batch_group)
             for i in range(n_local))
         # partial CUDA graphs: plain attribute, the blocks reference the layers' modules (no new parameter names)
-        self.layer_graphs = LayerGraphs([AttentionBlock(l.input_norm, l.attention, l.post_attention_norm)
-                                         for l in self.layers]) if cfg.cuda_graphs == "attention" else None
+        router = cfg.cuda_graphs == "attention_router"
+        self.layer_graphs = LayerGraphs([
+            AttentionBlock(l.input_norm, l.attention, l.post_attention_norm, l.mlp.router if router else None,
+                           l.mlp.kernels) for l in self.layers]) if cfg.cuda_graphs != "none" else None
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=params_dtype)
             if cfg.tie_embeddings and not pre_process:

@@ -60,6 +60,33 @@ def test_graphed_model_on_cpu_is_the_eager_model(single_rank):
         assert torch.equal(p.grad, q.grad), n
 
 
+@pytest.mark.parametrize("mode", ["attention", "attention_router"])
+def test_block_wiring_equals_the_eager_layer(single_rank, mode):
+    """What a graph replays (the block, and with the router the RoutingResult rebuilt from its flat tensors),
+    run ungraphed on CPU through TransformerLayer's block path: same output and gradients as the eager layer."""
+    from engmoe.model import build_model_chunks
+
+    for forced in (False, True):
+        extra = ["model.moe.kernel_backend=reference", "data.mock=true", f"model.moe.force_balanced_routing={forced}"]
+        model = build_model_chunks(_cfg(mode, *extra).model, device="cpu")[0]
+        layer, block = model.layers[1], model.layer_graphs.blocks[1]
+        assert (block.router is layer.mlp.router) == (mode == "attention_router")
+        x = torch.randn(64, 2, 128, requires_grad=True)
+        rotary = model.rotary(torch.arange(64).unsqueeze(0).expand(2, 64))
+        params = [p for p in layer.parameters()]
+
+        def run(**kw):
+            out = layer(x, rotary, **kw)
+            grads = torch.autograd.grad(out.square().sum(), [x, *params], allow_unused=True)
+            return out, grads, layer.mlp.last_stats["tokens_per_expert"].clone()
+
+        eager, g_eager, counts_eager = run()
+        blocked, g_block, counts_block = run(block=block)
+        assert torch.equal(eager, blocked) and torch.equal(counts_eager, counts_block)
+        for a, b in zip(g_eager, g_block):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_module_hooks_inside_a_graphed_block_are_refused(single_rank):
     from engmoe.model import build_model_chunks
     from engmoe.model.cuda_graphs import check_no_module_hooks
@@ -75,7 +102,8 @@ gpu = pytest.mark.gpu
 
 
 @gpu
-def test_graphed_layers_match_eager_loss_and_grads(single_rank):
+@pytest.mark.parametrize("mode", ["attention", "attention_router"])
+def test_graphed_layers_match_eager_loss_and_grads(single_rank, mode):
     """Three micro-batches of forward+backward through a bf16 stack (gradients accumulated into fp32 main_grad
     by hooks, as megatron DDP does), graphs on vs off, same weights; a .grad left over is refused."""
     from engmoe.model import build_model_chunks
@@ -98,7 +126,7 @@ def test_graphed_layers_match_eager_loss_and_grads(single_rank):
         return torch.stack(losses), {n: p.main_grad for n, p in model.named_parameters()}, model
 
     l0, g0, _ = run("none")
-    l1, g1, model = run("attention")
+    l1, g1, model = run(mode)
     assert model.layer_graphs._graphed, "no graph was captured"
     torch.testing.assert_close(l1, l0, rtol=1e-3, atol=1e-3)
     for n in g0:
@@ -111,7 +139,8 @@ def test_graphed_layers_match_eager_loss_and_grads(single_rank):
 
 
 @gpu
-def test_graphed_trainer_steps_match_eager(single_rank, tmp_path):
+@pytest.mark.parametrize("mode", ["attention", "attention_router"])
+def test_graphed_trainer_steps_match_eager(single_rank, tmp_path, mode):
     """Whole steps under megatron DDP (main_grad hooks), 4 micro-batches per step: losses and grad norms."""
     from engmoe.training.trainer import Trainer
 
@@ -126,6 +155,6 @@ def test_graphed_trainer_steps_match_eager(single_rank, tmp_path):
         return [m["lm_loss"] for m in out], [m["grad_norm"] for m in out]
 
     loss0, norm0 = steps("none")
-    loss1, norm1 = steps("attention")
+    loss1, norm1 = steps(mode)
     assert loss1 == pytest.approx(loss0, rel=2e-3)
     assert norm1 == pytest.approx(norm0, rel=2e-2)

@@ -26,7 +26,8 @@ def _no_sync(fn):
 
 
 @pytest.mark.parametrize("extra", [[], ["model.moe.force_balanced_routing=true", "data.mock=true"],
-                                   ["model.cuda_graphs=attention"]], ids=["learned", "forced", "graphs"])
+                                   ["model.cuda_graphs=attention"], ["model.cuda_graphs=attention_router"]],
+                         ids=["learned", "forced", "graphs", "graphs_router"])
 def test_model_forward_backward_has_no_host_sync(single_rank, extra):
     from engmoe.model import build_model_chunks
 

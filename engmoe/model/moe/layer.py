@@ -9,7 +9,7 @@ from engmoe.config import MoEConfig
 from engmoe.kernels import get_moe_kernels
 from engmoe.model.moe.dispatcher import make_dispatcher
 from engmoe.model.moe.experts import GroupedExperts
-from engmoe.model.moe.router import TopKRouter
+from engmoe.model.moe.router import RoutingResult, TopKRouter
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -86,11 +86,13 @@ class MoELayer(nn.Module):
         micro-batch's, which depends on how the batch was split over data-parallel ranks)."""
         return {k: v / max(self.stats_count, 1) for k, v in self.stats_sum.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[S, B, H]`` → ``[S, B, H]``."""
+    def forward(self, x: torch.Tensor, routing: RoutingResult | None = None) -> torch.Tensor:
+        """x: ``[S, B, H]`` → ``[S, B, H]``. ``routing``: this layer's router already run on ``x`` (a CUDA graph
+        of the static part of the layer, ``engmoe.model.cuda_graphs``), else the router runs here."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        routing = self.router(tokens, self.kernels)  # fp32 logits whatever the activations
+        if routing is None:
+            routing = self.router(tokens, self.kernels)  # fp32 logits whatever the activations
         if torch.is_autocast_enabled(x.device.type):
             # grouped GEMMs are not autocast ops: dispatch and run the experts in the autocast dtype
             tokens = tokens.to(torch.get_autocast_dtype(x.device.type))

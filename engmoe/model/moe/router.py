@@ -142,10 +142,8 @@ class TopKRouter(nn.Module):
         aux = moe.aux_loss_coeff * lb + moe.z_loss_coeff * zl
         # this rank's shares carry the gradient; the logged values are the group's sums
         logged = _group_sum(torch.stack([lb, zl, aux]).detach(), self.token_group)
-        host = None
-        if moe.force_balanced_routing and (x.shape[0] * moe.top_k) % moe.num_experts == 0:
-            host = [x.shape[0] * moe.top_k // moe.num_experts] * moe.num_experts
-        return RoutingResult(topk_idx, topk_probs, tokens_per_expert, lb, zl, aux, *logged.unbind(), host_counts=host)
+        return RoutingResult(topk_idx, topk_probs, tokens_per_expert, lb, zl, aux, *logged.unbind(),
+                             host_counts=forced_host_counts(moe, x.shape[0]))
 
     def _global_batch_lb(self, probs: torch.Tensor, local_counts: torch.Tensor, total: int) -> torch.Tensor:
         """This rank's share of the global-batch load-balancing loss of micro-batch m (README, "MoE balancing"):
@@ -159,3 +157,24 @@ class TopKRouter(nn.Module):
         self._global_counts = counts if self._global_counts is None else self._global_counts + counts
         self._global_tokens += probs.shape[0] * batch_ranks
         return load_balancing_loss(probs, self._global_counts, self.moe.top_k, total, self._global_tokens)
+
+
+def forced_host_counts(moe: MoEConfig, num_tokens: int) -> Optional[list[int]]:
+    """This rank's rows per expert as host ints when they are known without looking at the data: forced
+    balance with ``num_tokens · top_k`` divisible by the experts. None otherwise."""
+    if moe.force_balanced_routing and (num_tokens * moe.top_k) % moe.num_experts == 0:
+        return [num_tokens * moe.top_k // moe.num_experts] * moe.num_experts
+    return None
+
+
+# RoutingResult's tensors in a fixed order: a CUDA-graphed router returns them as a flat tuple
+ROUTING_TENSORS = ("topk_idx", "topk_probs", "tokens_per_expert", "lb_loss", "z_loss", "aux_loss", "lb_loss_total",
+                   "z_loss_total", "aux_loss_total")
+
+
+def routing_tensors(r: RoutingResult) -> tuple:
+    return tuple(getattr(r, f) for f in ROUTING_TENSORS)
+
+
+def routing_from_tensors(tensors, host_counts: Optional[list[int]] = None) -> RoutingResult:
+    return RoutingResult(**dict(zip(ROUTING_TENSORS, tensors)), host_counts=host_counts)
