@@ -145,7 +145,7 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         # pinned host memory: the copy is truly asynchronous (a pageable one can wait for the GPU's queue)
         pin = self.device.type == "cuda"
-        batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True)
+        batch = {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(self.device, non_blocking=True)
                  for k, v in next(data_iterator).items()}
         batch = shard_batch(batch, self.env.cp, self.env.cp_rank)  # no-op without context parallelism
         with self.autocast:
