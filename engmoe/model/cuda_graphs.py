@@ -87,12 +87,12 @@ def check_no_module_hooks(blocks: list[nn.Module]) -> None:
 
 
 class LayerGraphs:
-    """The graphed attention blocks of one model chunk, captured lazily per input signature."""
+    """The graphed blocks of one model chunk's layers, captured together on first use per input signature
+    (shape, dtype, autocast); a new signature (another micro-batch size) captures another set."""
 
     def __init__(self, blocks: list[AttentionBlock]):
         self.blocks = blocks
-        self._graphed: dict[tuple, tuple] = {}
-        self._pending: Optional[tuple] = None
+        self._graphed: dict[tuple, tuple] = {}  # input signature -> graphed callables, one per layer
 
     @staticmethod
     def signature(x: torch.Tensor, cos: torch.Tensor) -> tuple:
