@@ -191,7 +191,7 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "losses": losses,
               "flops_per_token": trainer.flops_per_token, "model": model, "micro_batch": cfg.stage.micro_batch,
               "global_batch": cfg.stage.global_batch, "data": "text" if text else "mock",
-              "forced_balance": cfg.model.moe.force_balanced_routing,
+              "forced_balance": getattr(cfg.model.moe, "force_balanced_routing", False),  # the before tree lacks it
               "cuda_graphs": getattr(cfg.model, "cuda_graphs", "none"),
               "expert_load_min": m.get("expert_load_min"), "expert_load_max": m.get("expert_load_max")}
     if args.profile:

@@ -36,7 +36,7 @@ build_ext() {  # $1: tree; builds engmoe._C in place (pip -e; setup.py build_ext
      python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . \
    || (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a MAX_JOBS=10 timeout 260 python3 setup.py build_ext --inplace))
 }
-if ! PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; assert c.load_extension()" 2>/dev/null; then
+if [ -z "${SKIP_BUILD:-}" ] && ! PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; assert c.load_extension()" 2>/dev/null; then
   build_ext "$ROOT" >"$OUT/build.log" 2>&1; echo "engmoe._C build rc=$? ($(( $(date +%s) - S )) s)"
 fi
 PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; print('engmoe ops loaded:', c.load_extension(), c.load_error())"
@@ -73,10 +73,11 @@ fi
 AFTER_VARIANTS=${AFTER_VARIANTS:-$D_AFTER}
 BEFORE_VARIANTS=${BEFORE_VARIANTS:-$D_BEFORE}  # the before tree has no force_balanced_routing / cuda_graphs
 MCORE_MB=${MCORE_MB:-$D_MB}
-args() { for n in $1; do printf -- "--variant %s:stage.global_batch=32,%s " "$n" "${V[$n]}"; done; }
+MODEL=${MODEL:-ep4-share}  # MODEL=tiny EXTRA=data.seq_len=64 SKIP_BUILD=1: a CPU dry run of this script
+args() { for n in $1; do printf -- "--variant %s:stage.global_batch=32,%s%s " "$n" "${V[$n]}" "${EXTRA:+,$EXTRA}"; done; }
 profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants
   (cd "$1" && PYTHONPATH=$1:/tmp/site timeout $(( $3 + 150 )) torchrun --nproc-per-node 1 --master-port $((29500 + RANDOM % 500)) \
-     bench/proxy_profile.py --model ep4-share --out "$OUT/$2.json" --time-budget "$3" $COMMON $(args "$4") 2>&1 \
+     bench/proxy_profile.py --model "$MODEL" --out "$OUT/$2.json" --time-budget "$3" $COMMON $(args "$4") 2>&1 \
      | grep -v -i "warn" | tee "$OUT/$2.log" | grep -E "^===|^step |busy|Error|error" )
 }
 
@@ -88,7 +89,7 @@ if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then
   [ -f /tmp/before/configs/model/ep4-share.yaml ] || cp "$(find engmoe configs -name ep4-share.yaml 2>/dev/null | head -1)" \
       /tmp/before/configs/model/
   if diff -rq csrc /tmp/before/csrc >/dev/null; then cp engmoe/_C*.so /tmp/before/engmoe/  # same kernels: same .so
-  else build_ext /tmp/before >"$OUT/build_before.log" 2>&1; echo "before build rc=$?"; fi
+  elif [ -z "${SKIP_BUILD:-}" ]; then build_ext /tmp/before >"$OUT/build_before.log" 2>&1; echo "before build rc=$?"; fi
   echo "== before ($BEFORE), $(left) s left"
   profile /tmp/before before "${BUDGET_BEFORE:-80}" "$BEFORE_VARIANTS"
 else
