@@ -74,7 +74,8 @@ class _Meta:
     @property
     def cpu(self) -> torch.Tensor:  # grouped_gemm: int64 sizes on the host (one device sync)
         if self._ready is not None:
-            self._ready.synchronize()
+            if not self._ready.query():  # the prefetch has normally finished long before: no wait, no sync
+                self._ready.synchronize()
             self._ready = None
         if self._cpu is None:
             self._cpu = self.counts.to("cpu", torch.int64)

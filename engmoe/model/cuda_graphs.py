@@ -27,6 +27,12 @@ a ``.grad`` left from an earlier backward is refused at the next graphed forward
 capture runs under the caller's autocast dtype with the autocast weight cache off (a cached cast inside a graph
 would go stale); with bf16 parameters (the GPU default) there are no casts of parameters anyway.
 
+Gradient-accumulation fusion (``model.gradient_accumulation_fusion``) stays off for the graphed linears
+(``engmoe.parallel.grad_fusion`` skips modules marked ``cuda_graphed``): make_graphed_callables' warm-up
+backwards, on uninitialised output gradients, would add into main_grad, and the ``grad_added_to_main_grad`` flag
+that tells DDP's hook to skip its add is set in Python, so only at capture. Their gradients take the unfused
+``main_grad += grad`` in DDP's hook; the experts (eager) stay fused.
+
 Where it falls back to the eager path (same math): CPU, evaluation / no-grad, document masks (packed data: the
 block mask is data-dependent) and context parallelism. Config checks refuse layouts where replaying one graph
 per layer is wrong: pipeline parallelism (1F1B keeps several micro-batches in flight, each would need its own
