@@ -88,7 +88,9 @@ if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then
   mkdir -p /tmp/before/configs/model  # the preset is new: give the before tree the same one
   [ -f /tmp/before/configs/model/ep4-share.yaml ] || cp "$(find engmoe configs -name ep4-share.yaml 2>/dev/null | head -1)" \
       /tmp/before/configs/model/
-  if diff -rq csrc /tmp/before/csrc >/dev/null; then cp engmoe/_C*.so /tmp/before/engmoe/  # same kernels: same .so
+  same=1; for f in /tmp/before/csrc/*; do cmp -s "$f" "csrc/$(basename "$f")" || same=0; done
+  # every source of the before tree unchanged here (new files only add ops): our .so holds its kernels as built
+  if [ $same = 1 ]; then cp engmoe/_C*.so /tmp/before/engmoe/; echo "before tree: csrc unchanged, .so reused"
   elif [ -z "${SKIP_BUILD:-}" ]; then build_ext /tmp/before >"$OUT/build_before.log" 2>&1; echo "before build rc=$?"; fi
   echo "== before ($BEFORE), $(left) s left"
   profile /tmp/before before "${BUDGET_BEFORE:-80}" "$BEFORE_VARIANTS"
