@@ -151,8 +151,9 @@ class EngMoEModel(nn.Module):
         # partial CUDA graphs: plain attribute, the blocks reference the layers' modules (no new parameter names)
         router = cfg.cuda_graphs == "attention_router"
         self.layer_graphs = LayerGraphs([
-            AttentionBlock(l.input_norm, l.attention, l.post_attention_norm, l.mlp.router if router else None,
-                           l.mlp.kernels) for l in self.layers]) if cfg.cuda_graphs != "none" else None
+            AttentionBlock(layer.input_norm, layer.attention, layer.post_attention_norm,
+                           layer.mlp.router if router else None, layer.mlp.kernels)
+            for layer in self.layers]) if cfg.cuda_graphs != "none" else None
         if self.layer_graphs is not None:  # engmoe.parallel.grad_fusion leaves these unfused (see cuda_graphs)
             for block in self.layer_graphs.blocks:
                 for m in block.modules():
