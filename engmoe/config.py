@@ -404,6 +404,10 @@ def validate_layout(cfg: "Config") -> None:
         for name in ("pipeline", "tensor", "context"):
             _check(getattr(par, name) == 1, "model.cuda_graphs",
                    f"{m.cuda_graphs!r} needs parallel.{name}=1 (got {getattr(par, name)}); use cuda_graphs=none")
+    # the global-batch loss keeps per-step counts in Python and all-reduces them: not capturable in the router
+    _check(m.cuda_graphs != "attention_router" or m.moe.lb_scope == "micro_batch", "model.cuda_graphs",
+           "'attention_router' needs model.moe.lb_scope=micro_batch (the global-batch loss reduces over ranks "
+           "inside the router); use cuda_graphs=attention")
     _check(not m.moe.force_balanced_routing or cfg.data.mock or m.moe.force_balanced_routing_on_real_data,
            "model.moe.force_balanced_routing", "is for benchmarks (routing is not learned): set data.mock=true, "
            "or model.moe.force_balanced_routing_on_real_data=true to force it on real data")

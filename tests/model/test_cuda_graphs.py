@@ -28,6 +28,9 @@ def test_cuda_graphs_config_checks():
     with pytest.raises(ConfigError, match=r"model\.cuda_graphs.*parallel\.tensor=1"):
         _cfg("attention", "parallel.tensor=2", "parallel.sequence_parallel=true")
     assert _cfg("attention", "parallel.expert=2").parallel.expert == 2  # the graphed part is static under EP
+    with pytest.raises(ConfigError, match=r"model\.cuda_graphs.*lb_scope=micro_batch"):
+        _cfg("attention_router", "model.moe.lb_scope=global_batch")
+    assert _cfg("attention", "model.moe.lb_scope=global_batch").model.moe.lb_scope == "global_batch"
 
 
 def test_graphable_only_for_cuda_training_without_masks():
