@@ -31,11 +31,21 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
   && cd /tmp/gg/grouped_gemm-0.3.0 && PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=6 \
   python3 -m pip install --no-build-isolation --no-deps --no-cache-dir --target /tmp/site_gg . ) >"$OUT/gg_build.log" 2>&1 &
 GG=$!
-build_ext() {  # $1: tree; builds engmoe._C in place (pip -e; setup.py build_ext as the fallback)
-  (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a MAX_JOBS=10 timeout 260 \
-     python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . \
-   || (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a MAX_JOBS=10 timeout 260 python3 setup.py build_ext --inplace))
+build_ext() {  # $1: tree; builds engmoe._C in place (no pip: two trees build at once and must not share an install)
+  (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a MAX_JOBS=8 timeout 300 python3 setup.py -q build_ext --inplace)
 }
+# ---- before tree: extracted and built in the background while this tree builds (both need minutes) --------------
+prep_before() {
+  rm -rf /tmp/before && mkdir -p /tmp/before && tar xzf "$BEFORE" -C /tmp/before
+  cp bench/proxy_profile.py /tmp/before/bench/
+  mkdir -p /tmp/before/configs/model  # the preset is new: give the before tree the same one
+  [ -f /tmp/before/configs/model/ep4-share.yaml ] || cp "$(find engmoe configs -name ep4-share.yaml 2>/dev/null | head -1)" \
+      /tmp/before/configs/model/
+  [ -z "${SKIP_BUILD:-}" ] && build_ext /tmp/before
+  echo "before build rc=$?"
+}
+HAVE_BEFORE=0
+if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then HAVE_BEFORE=1; prep_before >"$OUT/build_before.log" 2>&1 & PB=$!; fi
 if [ -z "${SKIP_BUILD:-}" ] && ! PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; assert c.load_extension()" 2>/dev/null; then
   build_ext "$ROOT" >"$OUT/build.log" 2>&1; echo "engmoe._C build rc=$? ($(( $(date +%s) - S )) s)"
 fi
@@ -82,16 +92,8 @@ profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants
 }
 
 # ---- before: the earlier tree runs its own model/trainer code (our harness: bench/proxy_profile.py) ----------------
-if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then
-  rm -rf /tmp/before && mkdir -p /tmp/before && tar xzf "$BEFORE" -C /tmp/before
-  cp bench/proxy_profile.py /tmp/before/bench/
-  mkdir -p /tmp/before/configs/model  # the preset is new: give the before tree the same one
-  [ -f /tmp/before/configs/model/ep4-share.yaml ] || cp "$(find engmoe configs -name ep4-share.yaml 2>/dev/null | head -1)" \
-      /tmp/before/configs/model/
-  same=1; for f in /tmp/before/csrc/*; do cmp -s "$f" "csrc/$(basename "$f")" || same=0; done
-  # every source of the before tree unchanged here (new files only add ops): our .so holds its kernels as built
-  if [ $same = 1 ]; then cp engmoe/_C*.so /tmp/before/engmoe/; echo "before tree: csrc unchanged, .so reused"
-  elif [ -z "${SKIP_BUILD:-}" ]; then build_ext /tmp/before >"$OUT/build_before.log" 2>&1; echo "before build rc=$?"; fi
+if [ $HAVE_BEFORE = 1 ]; then
+  wait $PB; tail -1 "$OUT/build_before.log"
   echo "== before ($BEFORE), $(left) s left"
   profile /tmp/before before "${BUDGET_BEFORE:-80}" "$BEFORE_VARIANTS"
 else
