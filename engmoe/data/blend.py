@@ -147,18 +147,63 @@ def _resolve_path(p: str, base: Optional[Path]) -> Path:
     return path if path.is_absolute() or base is None else base / path
 
 
-def _prefix_stats(prefix: Path) -> tuple[int, int]:
-    """(tokens, documents) of a megatron indexed dataset, read from its .idx."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+class ShardError(ValueError):
+    """A ``.bin``/``.idx`` pair that does not agree (truncated, wrong format); the message names the file."""
 
-    ds = IndexedDataset(str(prefix), mmap=True)
-    return int(ds.sequence_lengths.sum()), int(len(ds.document_indices) - 1)
+
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+# megatron-core's dtype codes (indexed_dataset.DType) → item size in bytes
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+
+
+def check_shard(prefix: str | Path) -> tuple[int, int]:
+    """(tokens, documents) of a megatron indexed dataset after checking that its ``.idx`` is whole (header,
+    dtype, the arrays its counts announce) and its ``.bin`` is exactly the sum of the sequence lengths;
+    anything else is one ShardError naming the file. Reads the index only (no megatron import, no mmap of
+    the tokens), so resolving a blend of thousands of shards stays fast."""
+    import struct
+
+    import numpy as np
+
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    idx_size = idx.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER)
+        if len(head) < _IDX_HEADER:
+            raise ShardError(f"{idx}: truncated index: {idx_size} bytes, shorter than the {_IDX_HEADER}-byte header")
+        if head[:9] != _IDX_MAGIC:
+            raise ShardError(f"{idx}: not a megatron index (header {head[:9]!r}, expected {_IDX_MAGIC!r})")
+        version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
+        if version != 1:
+            raise ShardError(f"{idx}: index version {version}, expected 1")
+        if code not in _DTYPE_SIZES:
+            raise ShardError(f"{idx}: unknown token dtype code {code} (valid: {sorted(_DTYPE_SIZES)})")
+        expected = _IDX_HEADER + 4 * n_seq + 8 * n_seq + 8 * n_doc
+        if idx_size not in (expected, expected + n_seq):  # + int8 sequence modes in multimodal indexes
+            raise ShardError(f"{idx}: {idx_size} bytes, expected {expected} for its {n_seq} sequences and {n_doc} "
+                             f"document boundaries (truncated or corrupt index)")
+        lengths = np.fromfile(f, dtype="<i4", count=n_seq)
+    if n_seq and int(lengths.min()) < 0:
+        raise ShardError(f"{idx}: negative sequence length {int(lengths.min())}")
+    tokens = int(lengths.sum(dtype=np.int64))
+    want, have = tokens * _DTYPE_SIZES[code], bin_.stat().st_size
+    if have != want:
+        raise ShardError(f"{bin_}: {have} bytes, but {idx.name} lists {tokens} tokens of {_DTYPE_SIZES[code]} "
+                         f"byte(s) = {want} bytes ({'truncated' if have < want else 'longer than its index'})")
+    return tokens, max(int(n_doc) - 1, 0)
+
+
+def _prefix_stats(prefix: Path) -> tuple[int, int]:
+    """(tokens, documents) of a megatron indexed dataset, read from its checked .idx."""
+    return check_shard(prefix)
 
 
 def resolve_blend(blend: Blend, data_root: Optional[str | Path], strict: bool = True) -> ResolvedBlend:
     """Check every dataset with weight > 0 exists and read its token counts.
 
-    ``strict``: raise a BlendError listing every missing path (training); otherwise record them in
+    Every shard is checked (``check_shard``: .bin size against its .idx). ``strict``: raise a BlendError
+    listing every missing path, or the first bad shard's ShardError (training); otherwise record them in
     ``missing`` (the check command reports them all).
     """
     from engmoe.data_prep.manifest import load_manifest  # manifests are written by the tokenization job
@@ -184,6 +229,19 @@ def resolve_blend(blend: Blend, data_root: Optional[str | Path], strict: bool = 
             missing += [f"datasets.{entry.name}: {p}.bin/.idx (listed in {mpath})" for p in gone]
             if gone:
                 continue
+            bad = False
+            for p, listed in zip(prefixes, shard_tokens):
+                try:
+                    tokens, _ = check_shard(p)
+                    if tokens != listed:
+                        raise ShardError(f"{p}.idx: {tokens} tokens, but {mpath} lists {listed} for this shard")
+                except ShardError as e:
+                    if strict:
+                        raise
+                    missing.append(f"datasets.{entry.name}: {e}")
+                    bad = True
+            if bad:
+                continue
         else:
             prefixes, shard_tokens, documents = [], [], 0
             for p in entry.prefixes:
@@ -191,7 +249,13 @@ def resolve_blend(blend: Blend, data_root: Optional[str | Path], strict: bool = 
                 if not (Path(str(prefix) + ".bin").is_file() and Path(str(prefix) + ".idx").is_file()):
                     missing.append(f"datasets.{entry.name}.prefixes: {prefix}.bin/.idx")
                     continue
-                tokens, docs = _prefix_stats(prefix)
+                try:
+                    tokens, docs = _prefix_stats(prefix)
+                except ShardError as e:
+                    if strict:
+                        raise
+                    missing.append(f"datasets.{entry.name}.prefixes: {e}")
+                    continue
                 prefixes.append(str(prefix))
                 shard_tokens.append(tokens)
                 documents += docs

@@ -1,4 +1,6 @@
 """Blend files: parsing and errors, resolution against manifests, and megatron-core's GPTDataset on top."""
+import re
+
 import numpy as np
 import pytest
 
@@ -116,3 +118,53 @@ def test_gpt_dataset_blend_draws_in_proportion(single_rank, data_root, tmp_path)
     assert 0.65 < share_en < 0.85, share_en
     again, _, _ = build_gpt_datasets(resolved, _Tok(), 32, (400, 40, 0), seed=5, cache_dir=str(tmp_path / "cache"))
     assert all((again[i]["tokens"] == train[i]["tokens"]).all() for i in range(0, 400, 37))  # deterministic
+
+
+def _truncate(path, keep_bytes_less):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - keep_bytes_less])
+
+
+@pytest.mark.parametrize("suffix,cut,error", [
+    (".bin", 2, r"tokens_00001\.bin: \d+ bytes, but tokens_00001\.idx lists \d+ tokens .* \(truncated\)"),
+    (".idx", 8, r"tokens_00001\.idx: \d+ bytes, expected \d+ for its \d+ sequences .* \(truncated or corrupt index\)"),
+    (".idx", 10**6, r"tokens_00001\.idx: truncated index: 0 bytes, shorter than the 34-byte header"),
+])
+def test_truncated_shard_is_one_error_naming_the_file(data_root, tmp_path, suffix, cut, error):
+    from engmoe.data.blend import ShardError, check_shard
+
+    path = write_blend(tmp_path / "b.yaml", "b", {"en": {"weight": 1, "manifest": "en/manifest.json"},
+                                                  "p": {"weight": 1, "prefixes": ["en/tokens_00001"]}})
+    assert check_shard(data_root / "en" / "tokens_00001")[0] > 0  # intact before
+    _truncate(data_root / "en" / f"tokens_00001{suffix}", cut)
+    with pytest.raises(ShardError, match=error) as e:
+        resolve_blend(load_blend(path), data_root)
+    assert "\n" not in str(e.value) and str(data_root / "en" / "tokens_00001") in str(e.value)
+    loose = resolve_blend(load_blend(path), data_root, strict=False)  # check-blend: every problem listed
+    assert len(loose.missing) == 2 and all(re.search(error, m) for m in loose.missing), loose.missing
+
+
+def test_check_blend_command_reports_a_truncated_bin(data_root, tmp_path, capsys):
+    from engmoe.data_prep.cli import run
+
+    path = write_blend(tmp_path / "b.yaml", "b", {"en": {"weight": 1, "manifest": "en/manifest.json"}})
+    assert run(["check-blend", str(path), "--data-root", str(data_root)]) == 0
+    assert "| ok |" in capsys.readouterr().out
+    _truncate(data_root / "en" / "tokens_00000.bin", 1)
+    assert run(["check-blend", str(path), "--data-root", str(data_root)]) == 1
+    out = capsys.readouterr().out
+    assert "MISSING" in out and "tokens_00000.bin:" in out and "(truncated)" in out
+
+
+def test_manifest_token_count_must_match_the_index(data_root, tmp_path):
+    import json
+
+    from engmoe.data.blend import ShardError
+
+    mpath = data_root / "it" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["shards"][0]["tokens"] += 5
+    mpath.write_text(json.dumps(manifest))
+    path = write_blend(tmp_path / "b.yaml", "b", {"it": {"weight": 1, "manifest": "it/manifest.json"}})
+    with pytest.raises(ShardError, match=r"tokens_00000\.idx: \d+ tokens, but .*manifest\.json lists \d+"):
+        resolve_blend(load_blend(path), data_root)
