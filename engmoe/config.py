@@ -318,6 +318,12 @@ class StageConfig:
     save_dir: str = "runs/default"
     # False: never write checkpoints (throughput benchmarks).
     save: bool = True
+    # Write checkpoints in the background (megatron dist_checkpointing async save): the step waits only for
+    # the device-to-host copy; the checkpoint is published when every rank's write is complete.
+    async_save: bool = False
+    # Keep only the newest N complete checkpoints (0: keep all); never deletes what `latest` names nor a
+    # stage's final checkpoint.
+    keep_last: int = 0
     # Non-finite loss or grad norm: skip the update (and count it) or stop the run.
     nan_policy: Literal["skip", "stop"] = "skip"
     # Stop after this many skipped updates in a row (a run that only skips is broken).
@@ -339,6 +345,7 @@ class StageConfig:
             _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.expert_heatmap_interval >= 0, f"{where}.expert_heatmap_interval",
                f"must be >= 0 (0 = off), got {self.expert_heatmap_interval}")
+        _check(self.keep_last >= 0, f"{where}.keep_last", f"must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
         for i, entry in enumerate(self.batch_ramp):
             _check(len(entry) == 2 and entry[0] >= 0 and entry[1] >= 1, f"{where}.batch_ramp[{i}]",
                    f"must be [step, global_batch], got {entry}")

@@ -42,7 +42,7 @@ class CheckpointReader:
     def __init__(self, path: str | Path):
         from megatron.core import dist_checkpointing
 
-        from engmoe.checkpoint.sharded import find_checkpoint
+        from engmoe.checkpoint.sharded import broken_checkpoint_errors, find_checkpoint
 
         found = find_checkpoint(path)
         self.dir = found
@@ -52,7 +52,8 @@ class CheckpointReader:
         self.config: Config = config_from_yaml_file(cfg_path)
         self.train_state: dict = json.loads((found / "train_state.json").read_text())
         ensure_single_process()
-        meta = dist_checkpointing.load_tensors_metadata(str(found))
+        with broken_checkpoint_errors(found):
+            meta = dist_checkpointing.load_tensors_metadata(str(found))
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
         if not self._meta:
             raise ValueError(f"{found}: the checkpoint holds no model.* tensors")
@@ -81,7 +82,10 @@ class CheckpointReader:
             key = f"model.{name}"
             full = torch.empty(m.global_shape, dtype=m.dtype)
             request[key] = ShardedTensor.from_rank_offsets(key, full, replica_id=0)
-        loaded = dist_checkpointing.load(request, str(self.dir))
+        from engmoe.checkpoint.sharded import broken_checkpoint_errors
+
+        with broken_checkpoint_errors(self.dir):
+            loaded = dist_checkpointing.load(request, str(self.dir))
         # dist_checkpointing also returns the common (non-tensor) state, e.g. optimizer_step: only the tensors
         return {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
 

@@ -17,8 +17,10 @@ reshardable" format does), so the data-parallel size and bucket layout may chang
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional, Protocol
@@ -45,6 +47,7 @@ class CheckpointableOptimizer(Protocol):
     def full_moments(self) -> dict: ...
     def load_full_moments(self, moments: dict, step: float) -> None: ...
     def step_count(self) -> float: ...
+    def finish_param_sync(self) -> None: ...
 
 
 def iter_dir(save_dir: str | Path, step: int) -> Path:
@@ -133,24 +136,77 @@ def _require_psutil() -> None:
                            "writer uses it): pip install psutil")
 
 
-def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
-                    optimizer: Optional[CheckpointableOptimizer], train_state: dict, cfg: Config) -> Path:
-    """Write iteration ``step`` under a temporary name and publish it by renaming (rank 0) once every rank
-    has finished; then point ``latest`` at it."""
-    from megatron.core import dist_checkpointing
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the directory and what is wrong."""
 
-    _require_psutil()
-    save_dir = Path(save_dir)
-    final, tmp = iter_dir(save_dir, step), Path(str(iter_dir(save_dir, step)) + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # re-saving the same step (e.g. a rerun): replace it
-            shutil.rmtree(final)
-        tmp.mkdir()
-    dist.barrier()
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No complete checkpoint where one was asked for (``--resume``, ``init_from``, ``--checkpoint``)."""
+
+
+TOKENIZER_FILE = "tokenizer.json"
+# Test hooks (the CPU tests simulate a slow disk and a full one; unset in real runs).
+SAVE_DELAY_ENV = "ENGMOE_TEST_SAVE_DELAY"        # seconds slept inside the write (every rank)
+FREE_BYTES_ENV = "ENGMOE_TEST_FREE_BYTES"        # pretend the save directory's filesystem has this much free
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding ``path`` (the test hook ``ENGMOE_TEST_FREE_BYTES`` overrides)."""
+    fake = os.environ.get(FREE_BYTES_ENV)
+    if fake:
+        return int(float(fake))
+    return shutil.disk_usage(path).free
+
+
+def _is_main_replica(replica_id) -> bool:
+    ids = replica_id if isinstance(replica_id, tuple) else (replica_id,)
+    return all(i == 0 for i in ids)
+
+
+def estimate_bytes(state: dict) -> int:
+    """Bytes the whole checkpoint will take: every tensor shard written once (its main replica), summed over
+    all ranks. Metadata and the small engmoe files are a rounding error next to the tensors."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    local = sum(v.data.numel() * v.data.element_size() for v in state.values()
+                if isinstance(v, ShardedTensor) and _is_main_replica(v.replica_id))
+    t = torch.tensor([local], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        t = t.to(_collective_device())
+        dist.all_reduce(t)
+    return int(t.item())
+
+
+def _collective_device() -> torch.device:
+    """The device a collective on the default group takes: CUDA for NCCL, the host for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_true(flag: bool) -> bool:
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=_collective_device())
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def check_free_space(save_dir: Path, needed: int) -> Optional[str]:
+    """None when ``save_dir`` has room for ``needed`` bytes (plus 2 % and 64 MiB of slack, decided on rank 0
+    and agreed by all ranks), else the one-line reason."""
+    margin = int(needed * 1.02) + 64 * 1024**2
+    free = free_bytes(save_dir) if dist.get_rank() == 0 else 0
+    t = torch.tensor([float(free)], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        t = t.to(_collective_device())
+        dist.broadcast(t, 0)
+    free = int(t.item())
+    if free >= margin:
+        return None
+    return (f"{save_dir}: not enough free space for a checkpoint: needs {needed:,} bytes ({needed / 1e9:.2f} GB, "
+            f"+2 % margin), {free:,} bytes ({free / 1e9:.2f} GB) free; the previous checkpoint is untouched "
+            "(free space, or set stage.keep_last)")
+
+
+def _checkpoint_state(models: list[EngMoEModel], optimizer: Optional[CheckpointableOptimizer]) -> dict:
     if optimizer is not None:
         optimizer.finish_param_sync()  # the parameters are read below, outside a forward
     # bf16 parameters: the checkpoint holds the fp32 master weights (exact resume; same format as fp32 runs)
@@ -160,16 +216,89 @@ def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
     if optimizer is not None:
         state.update(optimizer_sharded_state_dict(models, optimizer.full_moments()))
         state["optimizer_step"] = optimizer.step_count()
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
+    return state
+
+
+def _slow_write_hook() -> None:
+    delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
+
+
+def _delayed(fn):
+    """``fn`` preceded by the slow-disk test hook (runs in the background writer for async saves)."""
+    def run(*args, **kwargs):
+        _slow_write_hook()
+        return fn(*args, **kwargs)
+    return run
+
+
+def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
+                    optimizer: Optional[CheckpointableOptimizer], train_state: dict, cfg: Config,
+                    tokenizer: Optional[str | Path] = None, keep_last: int = 0,
+                    async_queue=None, log=None) -> Optional[Path]:
+    """Write iteration ``step`` under a temporary name and publish it by renaming (rank 0) once every rank
+    has finished; then point ``latest`` at it and apply the ``keep_last`` retention.
+
+    ``tokenizer``: the tokenizer JSON of the run, copied into the checkpoint (export and eval then work from
+    any directory). ``async_queue`` (megatron's ``AsyncCallsQueue``): only the device-to-host copy happens
+    here; the write runs in a forked process and the publish is a finalize step of the queue (run on every
+    rank once every rank's write is complete; see docs in README "Checkpoints"). Returns the final path, or
+    None when an async save was skipped (not enough free space: a warning, training goes on).
+    """
+    from megatron.core import dist_checkpointing
+
+    _require_psutil()
+    save_dir = Path(save_dir)
+    final, tmp = iter_dir(save_dir, step), Path(str(iter_dir(save_dir, step)) + ".tmp")
+    rank = dist.get_rank()
     if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        # an interrupted save or deletion (no async save is in flight when this runs: the trainer waits)
+        for stale in [*save_dir.glob("iter_*.tmp"), *save_dir.glob("iter_*.deleting")]:
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    state = _checkpoint_state(models, optimizer)
+    problem = check_free_space(save_dir, estimate_bytes(state))
+    if problem is not None:
+        if async_queue is None:
+            raise CheckpointError(problem)
+        if log is not None:
+            log(f"warning: skipping the checkpoint of step {step}: {problem}")
+        return None
+    if rank == 0:
+        tmp.mkdir()
         (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
         save_config(cfg, tmp / "config.yaml")
-        os.replace(tmp, final)
-        latest_tmp = save_dir / (LATEST + ".tmp")
-        latest_tmp.write_text(str(step))
-        os.replace(latest_tmp, save_dir / LATEST)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     dist.barrier()
+
+    def publish() -> None:
+        if rank == 0:
+            if final.exists():  # re-saving the same step (e.g. a rerun): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = save_dir / (LATEST + ".tmp")
+            latest_tmp.write_text(str(step))
+            os.replace(latest_tmp, save_dir / LATEST)
+            for old in apply_retention(save_dir, keep_last):
+                if log is not None:
+                    log(f"removed checkpoint {old} (stage.keep_last={keep_last})")
+        dist.barrier()
+
+    if async_queue is None:
+        _slow_write_hook()
+        dist_checkpointing.save(state, str(tmp))
+        dist.barrier()
+        publish()
+        return final
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    request = request._replace(async_fn=_delayed(request.async_fn)) if request.async_fn is not None else request
+    request.add_finalize_fn(publish)
+    async_queue.schedule_async_request(request)
     return final
 
 
@@ -178,10 +307,42 @@ def is_complete(ckpt: Path) -> bool:
     return (ckpt / "train_state.json").is_file()
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name[len("iter_"):])
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Every complete ``iter_*`` checkpoint of a run directory, oldest first."""
-    return sorted(p for p in Path(run_dir).glob("iter_*")
-                  if p.is_dir() and not p.name.endswith(".tmp") and is_complete(p))
+    """Every complete (published) ``iter_*`` checkpoint of a run directory, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.glob("iter_*") if p.is_dir() and re.fullmatch(r"iter_\d+", p.name)
+                   and is_complete(p)), key=_step_of)
+
+
+def apply_retention(save_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0: keep all); never the one ``latest``
+    names nor a stage's final checkpoint (train_state ``final``). Returns what was deleted."""
+    if keep_last <= 0:
+        return []
+    found = complete_checkpoints(save_dir)
+    latest_file = save_dir / LATEST
+    latest = iter_dir(save_dir, int(latest_file.read_text().strip())) if latest_file.is_file() else None
+    removed = []
+    for old in found[:-keep_last]:
+        if old == latest:
+            continue
+        try:
+            if json.loads((old / "train_state.json").read_text()).get("final"):
+                continue
+        except (OSError, ValueError):
+            continue  # unreadable: leave it for a human
+        # rename first, so a crash mid-delete never leaves a half-deleted checkpoint under its final name
+        doomed = old.with_name(old.name + ".deleting")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 def find_checkpoint(path: str | Path, required: bool = True, what: str = "") -> Optional[Path]:
@@ -189,8 +350,8 @@ def find_checkpoint(path: str | Path, required: bool = True, what: str = "") -> 
     directory's latest complete checkpoint (``latest``, or the newest complete ``iter_*`` when ``latest`` is
     missing or names an incomplete one).
 
-    None when there is none and ``required`` is False; otherwise a FileNotFoundError naming ``path`` (and the
-    option ``what`` it came from, e.g. ``--resume``)."""
+    None when there is none and ``required`` is False; otherwise a CheckpointNotFound (a FileNotFoundError)
+    naming ``path`` (and the option ``what`` it came from, e.g. ``--resume``)."""
     path = Path(path)
     if is_complete(path):
         return path
@@ -205,9 +366,24 @@ def find_checkpoint(path: str | Path, required: bool = True, what: str = "") -> 
     if not required:
         return None
     where = f"{what}={path}" if what else str(path)
-    raise FileNotFoundError(f"{where}: no complete engmoe checkpoint there (no complete checkpoint directory: "
+    raise CheckpointNotFound(f"{where}: no complete engmoe checkpoint there (no complete checkpoint directory: "
                             "expected an iter_* directory with train_state.json, or a run directory with a "
                             "'latest' file)")
+
+
+@contextlib.contextmanager
+def broken_checkpoint_errors(ckpt: Path):
+    """Reading a damaged checkpoint (files missing or truncated) raises one CheckpointError naming it."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    try:
+        yield
+    except (CheckpointingException, OSError, RuntimeError, ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        detail = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{ckpt}: cannot read the checkpoint, its files are damaged or incomplete "
+                              f"({type(e).__name__}: {detail})") from e
 
 
 def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[CheckpointableOptimizer],
@@ -218,7 +394,7 @@ def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Opti
 
     ckpt = Path(ckpt)
     if not is_complete(ckpt):
-        raise FileNotFoundError(f"{ckpt}: not a complete engmoe checkpoint (train_state.json missing)")
+        raise CheckpointNotFound(f"{ckpt}: not a complete engmoe checkpoint (train_state.json missing)")
     # weights are stored in fp32: read them into fp32 host buffers where the parameters are not fp32 (no
     # device-memory spike at resume: the buffers are only copied into the parameters and the masters)
     buffers = {p: p.data if p.dtype == torch.float32 else torch.empty(p.shape, dtype=torch.float32)
@@ -233,7 +409,8 @@ def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Opti
                         for m in models for p in m.parameters()}
         request.update(optimizer_sharded_state_dict(models, placeholders))
         request["optimizer_step"] = 0.0
-    loaded = dist_checkpointing.load(request, str(ckpt))
+    with broken_checkpoint_errors(ckpt):
+        loaded = dist_checkpointing.load(request, str(ckpt))
     weights = {p: _local_tensor(loaded, f"model.{canonical_name(m, name)}", p)
                for m in models for name, p in m.named_parameters()}
     with torch.no_grad():

@@ -8,13 +8,20 @@ from engmoe.config import Config
 from engmoe.data.tokenizer import Tokenizer, load_tokenizer
 
 
-def find_tokenizer(cfg: Config, explicit: Optional[str | Path] = None) -> Optional[Tokenizer]:
-    """The tokenizer a checkpoint was trained with: ``explicit``, else the config's ``data.tokenizer``, else
-    (for demo runs, ``data.blend`` unset) ``<data.data_root or data/demo>/tokenizer.json``; None if absent.
+def find_tokenizer(cfg: Config, explicit: Optional[str | Path] = None,
+                   checkpoint_dir: Optional[str | Path] = None) -> Optional[Tokenizer]:
+    """The tokenizer a checkpoint was trained with: ``explicit``, else the copy the trainer stored in the
+    checkpoint (``<checkpoint_dir>/tokenizer.json``: works from any directory), else the config's
+    ``data.tokenizer``, else (for demo runs, ``data.blend`` unset) ``<data.data_root or data/demo>/tokenizer.json``;
+    None if absent.
 
     Relative paths resolve against the working directory, as they did for the training run."""
+    from engmoe.checkpoint.sharded import TOKENIZER_FILE
+
     if explicit is not None:
         return load_tokenizer(explicit)
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / TOKENIZER_FILE).is_file():
+        return load_tokenizer(Path(checkpoint_dir) / TOKENIZER_FILE)
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer)
         if not path.is_file():

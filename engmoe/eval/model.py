@@ -86,7 +86,7 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: Op
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
     model.eval()
-    tok = find_tokenizer(cfg, tokenizer)
+    tok = find_tokenizer(cfg, tokenizer, found)
     return InferenceModel(model, cfg, tok, dev, found, json.loads((found / "train_state.json").read_text()))
 
 

@@ -62,7 +62,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16", arch
     reader = CheckpointReader(checkpoint)
     model_cfg = reader.config.model
     arch = choose_architecture(model_cfg, arch)
-    tok = find_tokenizer(reader.config, tokenizer) if with_tokenizer else None
+    tok = find_tokenizer(reader.config, tokenizer, reader.dir) if with_tokenizer else None
     if tok is None and with_tokenizer:
         raise FileNotFoundError(f"{reader.dir}: no tokenizer found (config data.tokenizer unset and no demo "
                                 "tokenizer): "

@@ -82,6 +82,9 @@ class Trainer:
         self.cfg = cfg
         self.log_fn = log
         self.exit_after = exit_after
+        self.save_dir = Path(cfg.stage.save_dir)
+        # the resume / init_from path is checked before anything is built or created (one-line error)
+        self._start = self._find_start(resume)
         self.env = initialize_parallel(cfg.parallel, cfg.model.num_layers)
         torch.manual_seed(cfg.stage.seed)
         self.device = self.env.device
@@ -103,17 +106,22 @@ class Trainer:
                                          self.env)
         self.data = data if data is not None else build_train_data(cfg, self.device)
         self.state = TrainState(stage=cfg.stage.name)
-        self.save_dir = Path(cfg.stage.save_dir)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = device_peak_flops(self.device)
         self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last pipeline stage holds the loss
-        self.tb = TensorBoard(str(self.save_dir / "tensorboard") if (self.is_logger and cfg.stage.tensorboard) else None)
         self.spikes = SpikeDetector(factor=cfg.stage.spike_factor)
         self.expert_load = ExpertLoadTracker(self.moe_layers(), cfg.model.num_layers, cfg.model.moe.num_experts,
                                              self.device)
         self._last_heatmap_step = 0
         self._stop_signal = False
-        self._restore(resume)
+        self.async_queue = None
+        if cfg.stage.async_save and cfg.stage.save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        self._restore(*self._start)
+        # created only once the config, the data and the start checkpoint are known good
+        self.tb = TensorBoard(str(self.save_dir / "tensorboard") if (self.is_logger and cfg.stage.tensorboard) else None)
         self.log(f"engmoe: stage {cfg.stage.name} | model {cfg.model.name} ({count_parameters(cfg.model).summary()}) | "
                  f"world {self.env.world_size} = {self.env.describe()} | {self.device} | "
                  f"data: {self.data.description}")
@@ -123,17 +131,24 @@ class Trainer:
         if self.is_logger:
             self.log_fn(msg, flush=True) if self.log_fn is print else self.log_fn(msg)
 
-    def _restore(self, resume: Optional[str]) -> None:
+    def _find_start(self, resume: Optional[str]) -> tuple[Optional[Path], Optional[Path]]:
+        """(checkpoint to resume, checkpoint to start the stage from), checked before anything is built."""
         stage = self.cfg.stage
         found = ckpt.find_checkpoint(self.save_dir, required=False) if resume == "auto" else (
             ckpt.find_checkpoint(resume, what="--resume") if resume else None)
+        source = None
+        if found is None and stage.init_from:
+            source = ckpt.find_checkpoint(stage.init_from, what="stage.init_from")
+        return found, source
+
+    def _restore(self, found: Optional[Path], source: Optional[Path]) -> None:
+        stage = self.cfg.stage
         if found is not None:
             saved = ckpt.load_checkpoint(found, self.models, self.optimizer)
             self.state = TrainState(**saved["trainer"])
             self.log(f"resumed from {found} at step {self.state.step} ({self.state.consumed_samples} samples)")
             return
-        if stage.init_from:
-            source = ckpt.find_checkpoint(stage.init_from, what="stage.init_from")
+        if source is not None:
             keep_optimizer = not self.cfg.optimizer.reset_on_stage_start
             saved = ckpt.load_checkpoint(source, self.models, self.optimizer, load_moments=keep_optimizer)
             prev = saved["trainer"]
@@ -264,10 +279,43 @@ class Trainer:
         return self._dp_mean(loss)
 
     # -- the loop ------------------------------------------------------------------------------------
-    def save(self) -> None:
-        ckpt.save_checkpoint(self.save_dir, self.state.step, self.models, self.optimizer,
-                             {"trainer": asdict(self.state)}, self.cfg)
-        self.log(f"saved checkpoint {ckpt.iter_dir(self.save_dir, self.state.step)}")
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint of this step (sync, or scheduled in the background with stage.async_save);
+        returns its path, None when an async save was skipped for lack of space. Seconds the step was
+        blocked are in ``self.last_save_blocked_s``."""
+        t0 = time.perf_counter()
+        self.finalize_saves(blocking=True)  # one background save at a time: the previous one publishes first
+        tok = getattr(self.data, "tokenizer", None)
+        state = {"trainer": asdict(self.state), "final": self.state.step == self.cfg.stage.train_steps}
+        path = ckpt.save_checkpoint(self.save_dir, self.state.step, self.models, self.optimizer, state, self.cfg,
+                                    tokenizer=getattr(tok, "path", None), keep_last=self.cfg.stage.keep_last,
+                                    async_queue=self.async_queue, log=self.log)
+        self.last_save_blocked_s = time.perf_counter() - t0
+        if path is not None:
+            how = "scheduled background write of" if self.async_queue is not None else "saved"
+            self.log(f"{how} checkpoint {path} (step blocked {self.last_save_blocked_s:.1f} s)")
+        return path
+
+    def finalize_saves(self, blocking: bool) -> None:
+        """Publish finished background saves (every rank calls this at the same points: a collective while
+        a save is in flight, nothing otherwise). A failed background write is a warning: its iter_*.tmp is
+        removed and ``latest`` keeps naming the previous checkpoint."""
+        if self.async_queue is None or not self.async_queue.get_num_unfinalized_calls():
+            return
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        try:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as e:  # megatron raises it on every rank
+            detail = " ".join(str(e).split())[:300]
+            self.log(f"warning: background checkpoint write failed ({type(e).__name__}: {detail}); "
+                     f"{self.save_dir / ckpt.LATEST} still names the previous checkpoint")
+            if dist.get_rank() == 0:
+                for tmp in self.save_dir.glob("iter_*.tmp"):
+                    import shutil
+
+                    shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()
 
     def _log_expert_load(self, last: bool) -> None:
         """Per-layer expert-load scalars for the log interval; the heatmap every expert_heatmap_interval steps.
@@ -283,6 +331,15 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = True
+
+    def _agree_stop(self, local: bool) -> bool:
+        """Every rank stops at the same step boundary if any rank got SIGTERM (signals reach nodes apart)."""
+        if dist.get_world_size() == 1:
+            return local
+        t = torch.tensor([1 if local else 0], dtype=torch.int32,
+                         device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def train(self) -> TrainState:
         cfg, st = self.cfg, self.state
@@ -326,13 +383,22 @@ class Trainer:
                 if valid is not None:
                     self.log(f"step {st.step:>6} | validation loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
                     self.tb.log({"valid_loss": valid, "valid_ppl": math.exp(min(valid, 50))}, st.step)
+            self.finalize_saves(blocking=False)
+            self._stop_signal = self._agree_stop(self._stop_signal)
             stop_now = self._stop_signal or (self.exit_after is not None and steps_this_run >= self.exit_after)
             if cfg.stage.save and (st.step % cfg.stage.save_interval == 0 or last or stop_now):
                 self.save()
             if stop_now:
                 self.log(f"stopping at step {st.step} ({'SIGTERM' if self._stop_signal else '--exit-after'})")
                 break
+        self.finalize_saves(blocking=True)
         self.optimizer.finish_param_sync()  # the caller may read the parameters (overlap_param_gather)
+        if self._stop_signal:
+            from engmoe.elastic import mark_clean_preemption
+
+            saved = ckpt.find_checkpoint(self.save_dir, required=False) if cfg.stage.save else None
+            if not cfg.stage.save or (saved is not None and saved.name == ckpt.iter_dir(self.save_dir, st.step).name):
+                mark_clean_preemption(saved)
         self.log(f"done: step {st.step}, {st.total_flops:.3e} training FLOPs, {st.device_hours:.4f} device-hours")
         self.tb.close()
         return st
