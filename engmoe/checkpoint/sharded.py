@@ -269,15 +269,15 @@ def save_checkpoint(save_dir: str | Path, step: int, models: list[EngMoEModel],
             log(f"warning: skipping the checkpoint of step {step}: {problem}")
         return None
     if rank == 0:
-        tmp.mkdir()
-        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
-        save_config(cfg, tmp / "config.yaml")
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        tmp.mkdir()  # empty: dist_checkpointing warns about (and overwrites) a non-empty directory
     dist.barrier()
 
     def publish() -> None:
-        if rank == 0:
+        if rank == 0:  # the engmoe files last: train_state.json marks a checkpoint complete
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            save_config(cfg, tmp / "config.yaml")
+            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
             if final.exists():  # re-saving the same step (e.g. a rerun): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
