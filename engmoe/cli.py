@@ -52,7 +52,8 @@ def _slurm(args) -> int:
     extra = {"partition": args.partition, "time": args.time, "workdir": args.workdir, "env_setup": args.env_setup,
              "extra_args": " ".join(args.extra)}
     if args.job == "pretrain":
-        text = slurm.render("pretrain.sbatch", slurm.pretrain_values(args.stage, args.nodes, args.gpus_per_node, **extra))
+        text = slurm.render("pretrain.sbatch", slurm.pretrain_values(args.stage, args.nodes, args.gpus_per_node,
+                                                                     signal_lead=args.signal_lead, **extra))
     else:
         text = slurm.render("tokenize.sbatch", slurm.tokenize_values(**extra))
     if args.out:
@@ -77,6 +78,8 @@ def _register_extensions(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engmoe", description=__doc__)
+    parser.add_argument("--traceback", action="store_true", help="full traceback on errors (default: one line; "
+                        "or ENGMOE_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="print total/active parameter counts of model presets")
     p.add_argument("presets", nargs="*", default=["enggpt2-16b-a3b", "proxy", "tiny"])
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--time", default=None)
     j.add_argument("--workdir", default=None)
     j.add_argument("--env-setup", default=None, help="shell line run before training (module load, venv)")
+    j.add_argument("--signal-lead", type=int, default=None, help="pretrain: SIGTERM this many seconds before the "
+                   "time limit (default 300); torchrun's shutdown timeout is derived from it (minus 30 s)")
     j.add_argument("--out", default=None)
     j.set_defaults(fn=_slurm)
     _register_extensions(sub)
@@ -109,5 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     return args.fn(args)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The console entry point: user errors as one line (engmoe/errors.py)."""
+    from engmoe.errors import run_cli
+
+    return run_cli(main, argv, prog="engmoe")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

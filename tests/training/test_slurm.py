@@ -37,3 +37,21 @@ def test_broken_template_fails_bash_check(tmp_path):
     bad = tmp_path / "bad.sbatch"
     bad.write_text("if true; then\n echo\n")
     assert subprocess.run(["bash", "-n", str(bad)], capture_output=True).returncode != 0
+
+
+def test_pretrain_template_gives_torchrun_a_shutdown_timeout_for_the_save(tmp_path):
+    """torchrun SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT s after forwarding SIGTERM (default 30 s):
+    the template derives it from the SIGTERM lead time and launches through engmoe.elastic (exit 0 after a
+    clean pre-emption save)."""
+    out = tmp_path / "p.sbatch"
+    assert main(["slurm", "pretrain", "--stage", "1", "--signal-lead", "600", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "#SBATCH --signal=TERM@600" in text
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-570}" in text
+    assert "exec python -m engmoe.elastic" in text and "\n  torchrun" not in text
+    default = slurm.render("pretrain.sbatch", slurm.pretrain_values("2"))
+    assert "TERM@300" in default and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-270}" in default
+    assert slurm.shutdown_timeout(45) == 30  # never below torchrun's own default
+    with pytest.raises(ValueError, match="must exceed"):
+        slurm.shutdown_timeout(20)
+    subprocess.run(["bash", "-n", str(out)], check=True)
