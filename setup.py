@@ -90,7 +90,7 @@ setup(
         # optional fast GPU backends, used when importable
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "grouped_gemm"],
     },
-    entry_points={"console_scripts": ["engmoe=engmoe.cli:main", "engmoe-data=engmoe.data_prep.cli:main"]},
+    entry_points={"console_scripts": ["engmoe=engmoe.cli:run", "engmoe-data=engmoe.data_prep.cli:run"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

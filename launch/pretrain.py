@@ -11,4 +11,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from engmoe.launch.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engmoe.errors import run_cli
+
+    sys.exit(run_cli(main, prog="engmoe"))

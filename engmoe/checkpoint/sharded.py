@@ -375,15 +375,20 @@ def find_checkpoint(path: str | Path, required: bool = True, what: str = "") -> 
 def broken_checkpoint_errors(ckpt: Path):
     """Reading a damaged checkpoint (files missing or truncated) raises one CheckpointError naming it."""
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
         yield
-    except (CheckpointingException, OSError, RuntimeError, ValueError, KeyError) as e:
+    except (CheckpointingException, CheckpointException, OSError, RuntimeError, ValueError, KeyError) as e:
         if isinstance(e, CheckpointError):
             raise
-        detail = " ".join(str(e).split())[:400]
+        root: BaseException = e
+        if isinstance(e, CheckpointException) and e.failures:  # per rank: (exception, traceback summary)
+            first = next(iter(e.failures.values()))
+            root = first[0] if isinstance(first, tuple) else first
+        detail = " ".join(str(root).split())[:300]
         raise CheckpointError(f"{ckpt}: cannot read the checkpoint, its files are damaged or incomplete "
-                              f"({type(e).__name__}: {detail})") from e
+                              f"({type(root).__name__}: {detail})") from e
 
 
 def load_checkpoint(ckpt: str | Path, models: list[EngMoEModel], optimizer: Optional[CheckpointableOptimizer],

@@ -65,6 +65,8 @@ def _demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engmoe-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true", help="full traceback on errors (default: one line; "
+                        "or ENGMOE_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tokenize", help="jsonl/parquet → (filters) → megatron .bin/.idx shards + manifest (datatrove)")
@@ -109,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rebuild", action="store_true")
     d.set_defaults(fn=_demo)
 
-    from engmoe.data_prep import chat_data, copyright_filter, tokenizer_build
+    try:
+        from engmoe.data_prep import chat_data, copyright_filter, tokenizer_build
+    except ImportError as e:  # the commands need the optional `data` extra (datatrove, tokenizers, ...)
+        from engmoe.errors import extra_for, missing_extra
+
+        extra = extra_for(e)
+        if extra is None:
+            raise
+        raise missing_extra(e.name.split(".")[0], extra, "engmoe-data") from e
 
     for module in (tokenizer_build, copyright_filter, chat_data):
         module.register(sub)
@@ -121,5 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     return args.fn(args)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The console entry point: user errors as one line (engmoe/errors.py)."""
+    from engmoe.errors import run_cli
+
+    return run_cli(main, argv, prog="engmoe-data")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

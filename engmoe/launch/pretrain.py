@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-after", type=int, default=None, help="save and exit after this many steps (testing, "
                    "time-limited jobs)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of a configuration, data or "
+                   "checkpoint error (default: one 'engmoe: error: ...' line, exit status 2; or ENGMOE_TRACEBACK=1)")
     return p.parse_args(argv)
 
 
@@ -74,4 +76,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engmoe.errors import run_cli
+
+    sys.exit(run_cli(main, prog="engmoe"))
