@@ -35,10 +35,10 @@ def _tokenize(args) -> int:
     else:
         print(f"{manifest['name']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
               f"{len(manifest['shards'])} shard(s) → {args.output}/manifest.json")
-        skipped = {k: v for k, v in manifest.get("skipped", {}).items() if v}
+        skipped = {f"skipped {k}": v for k, v in manifest.get("skipped", {}).items() if v}
         for step, stats in manifest.get("pipeline_stats", {}).items():
             for k, v in stats.items():
-                if k.startswith("skipped") or k in ("dropped", "forwarded"):
+                if k in ("dropped", "forwarded"):
                     skipped[f"{step}: {k}"] = v
         for k, v in skipped.items():
             print(f"  {k}: {v:,.0f}")

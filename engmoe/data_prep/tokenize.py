@@ -114,6 +114,12 @@ class WriteManifest(PipelineStep):
                        "vocab_size": tok.vocab_size, "eod": tok.eod, "bos": tok.bos if self.add_bos else None},
             dtype=str(token_dtype(tok.vocab_size)), source=self.source, license=self.license,
             extra={"filters": self.filters, "pipeline_stats": stats})
+        # the readers' skip counts (--on-error skip) at the top level, where a reader of the manifest looks
+        for step_stats in stats.values():
+            for key, value in step_stats.items():
+                if key.startswith("skipped_") and value:
+                    reason = key[len("skipped_"):]
+                    manifest["skipped"][reason] = manifest["skipped"].get(reason, 0) + int(value)
         write_json_atomic(Path(self.output_dir) / MANIFEST_NAME, manifest)
         return
         yield

@@ -152,6 +152,9 @@ def test_bad_json_raises_with_file_and_line_or_is_counted(tmp_path, tokenizer_pa
     assert manifest["documents"] == 2
     stats = {k: v for s in manifest["pipeline_stats"].values() for k, v in s.items()}
     assert stats["skipped_invalid_json"] == 1 and stats["skipped_missing_text"] == 1
+    assert manifest["skipped"] == {"invalid_json": 1, "missing_text": 1}  # the reader's counts, top level
+    on_disk = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert on_disk["skipped"] == manifest["skipped"]
 
 
 def test_missing_text_field_names_the_field(tmp_path, tokenizer_path):
