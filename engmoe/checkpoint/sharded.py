@@ -3,9 +3,12 @@
 Layout of a run directory::
 
     <save_dir>/iter_0000100/          a complete checkpoint (dist_checkpointing files + engmoe files)
-    <save_dir>/iter_0000100/config.yaml, train_state.json
+    <save_dir>/iter_0000100/config.yaml, train_state.json, tokenizer.json (a copy of the run's tokenizer)
     <save_dir>/latest                 text: the newest complete iteration
     <save_dir>/iter_0000200.tmp/      being written (never loaded; removed on the next save)
+
+Saves are sync or async (megatron's async save, published by a finalize step of its AsyncCallsQueue), are
+preceded by a free-space check, and followed by the ``keep_last`` retention (README "Checkpoints").
 
 Every tensor is saved under its *global* name and global shape (layers by global number, experts by
 global id, tensor-parallel shards by offset; under expert tensor parallelism a rank's ``w13`` gate and up
