@@ -33,20 +33,20 @@ def extra_for(error: ImportError) -> str | None:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exception classes whose message is the whole story (imported lazily: no heavy imports here)."""
-    from engmoe.config import ConfigError
-    from engmoe.data.blend import BlendError, ShardError
-    from engmoe.data.packing import PackedDataError
-    from engmoe.training.checkpoint import CheckpointError
+    """The exception classes whose message is the whole story (imported lazily, each group optional: the
+    handler must work in an install without torch/megatron or without the data extra)."""
+    types: list[type[BaseException]] = [MissingExtraError, FileNotFoundError]
+    groups = [("engmoe.config", ("ConfigError",)), ("engmoe.data.blend", ("BlendError", "ShardError")),
+              ("engmoe.data.packing", ("PackedDataError",)), ("engmoe.training.checkpoint", ("CheckpointError",)),
+              ("engmoe.data_prep.readers", ("DataError",)), ("engmoe.data_prep.chat_data", ("ChatDataError",))]
+    import importlib
 
-    types: list[type[BaseException]] = [ConfigError, BlendError, ShardError, PackedDataError, CheckpointError,
-                                        MissingExtraError, FileNotFoundError]
-    try:  # these two modules import datatrove; without the data extra they cannot be raised anyway
-        from engmoe.data_prep.chat_data import ChatDataError
-        from engmoe.data_prep.readers import DataError
-        types += [DataError, ChatDataError]
-    except ImportError:
-        pass
+    for module, names in groups:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        types += [getattr(mod, name) for name in names]
     return tuple(types)
 
 

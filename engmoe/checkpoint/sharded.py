@@ -185,13 +185,6 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _all_true(flag: bool) -> bool:
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=_collective_device())
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return int(t.item()) == 0
-
-
 def check_free_space(save_dir: Path, needed: int) -> Optional[str]:
     """None when ``save_dir`` has room for ``needed`` bytes (plus 2 % and 64 MiB of slack, decided on rank 0
     and agreed by all ranks), else the one-line reason."""
