@@ -23,8 +23,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _preempt(run_dir: Path, shutdown_timeout: int, save_delay: int, *extra) -> tuple[int, str, str]:
-    cmd = [sys.executable, "-m", "engmoe.elastic", "--nproc-per-node=1", f"--master-port={_free_port()}",
+def _preempt(run_dir: Path, shutdown_timeout: int, save_delay: int, *extra, nproc: int = 1,
+             signal_rank: int | None = None) -> tuple[int, str, str]:
+    """Start a run, wait for step 2, SIGTERM the launcher (or only the worker of ``signal_rank``)."""
+    cmd = [sys.executable, "-m", "engmoe.elastic", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
            str(ROOT / "launch" / "pretrain.py"), "--stage", "1", "--model", "tiny",
            "--set", "parallel.pipeline=1", "--set", "parallel.expert=1", "--set", "parallel.tensor=1",
            "--set", "parallel.context=1", "--set", "model.moe.kernel_backend=reference", "--set", "data.mock=true", "--set", "data.seq_len=32", "--set", "model.num_layers=2",
@@ -41,9 +43,34 @@ def _preempt(run_dir: Path, shutdown_timeout: int, save_delay: int, *extra) -> t
         out.append(line)
         if re.match(r"step\s+2 \|", line) or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
-    rest, err = proc.communicate(timeout=240)
+    if signal_rank is None:
+        proc.send_signal(signal.SIGTERM)
+    else:
+        import psutil
+
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if c.environ().get("RANK") == str(signal_rank)]
+        assert len(workers) == 1, workers
+        workers[0].send_signal(signal.SIGTERM)
+    try:
+        rest, err = proc.communicate(timeout=float(os.environ.get("PREEMPT_TEST_TIMEOUT", 240)))
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise
     return proc.returncode, "".join(out) + rest, err
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
 
 
 def test_sigterm_through_torchrun_saves_and_exits_zero(tmp_path):
@@ -62,4 +89,15 @@ def test_save_longer_than_the_shutdown_timeout_is_killed_and_reported(tmp_path):
     assert rc == 128 + signal.SIGTERM, out[-3000:] + err[-3000:]
     assert not (run / "latest").exists() and list(run.glob("iter_*.tmp"))  # what torchrun's default did
     assert "before a pre-emption checkpoint was published (raise TORCH_ELASTIC_SHUTDOWN_TIMEOUT=2" in err
+    assert "Traceback" not in err
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_async_save(tmp_path):
+    """Signals reach nodes at different times: the ranks agree at each step boundary (one all-reduce), so a
+    SIGTERM to rank 1 alone stops rank 0 too, and the (async) checkpoint is published by both."""
+    run = tmp_path / "run"
+    rc, out, err = _preempt(run, 90, 3, "--set", "stage.async_save=true", nproc=2, signal_rank=1)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    step = int(re.findall(r"stopping at step (\d+) \(SIGTERM\)", out)[-1])
+    assert (run / "latest").read_text() == str(step) and not list(run.glob("*.tmp"))
     assert "Traceback" not in err
