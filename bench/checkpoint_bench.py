@@ -41,8 +41,8 @@ def main() -> int:
 
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+    from engmoe.checkpoint.sharded import _checkpoint_state, estimate_bytes
     from engmoe.config import load_config
-    from engmoe.training.checkpoint import estimate_bytes, _checkpoint_state
     from engmoe.training.trainer import Trainer
 
     save_dir = Path(args.save_dir)
@@ -89,7 +89,8 @@ def main() -> int:
     t.finalize_saves(blocking=True)
     res["async_wait_at_end_s"] = time.perf_counter() - f0
     res["async_write_wall_s"] = time.perf_counter() - t0
-    res["async_published"] = (save_dir / "latest").is_file() and (save_dir / "latest").read_text() == str(t.state.step - args.steps_during_write)
+    latest = save_dir / "latest"
+    res["async_published"] = latest.is_file() and latest.read_text() == str(t.state.step - args.steps_during_write)
     res["same_files"] = _files(path) == sync_files if path is not None and path.is_dir() else False
     shutil.rmtree(save_dir, ignore_errors=True)
 

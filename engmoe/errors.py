@@ -37,7 +37,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     handler must work in an install without torch/megatron or without the data extra)."""
     types: list[type[BaseException]] = [MissingExtraError, FileNotFoundError]
     groups = [("engmoe.config", ("ConfigError",)), ("engmoe.data.blend", ("BlendError", "ShardError")),
-              ("engmoe.data.packing", ("PackedDataError",)), ("engmoe.training.checkpoint", ("CheckpointError",)),
+              ("engmoe.data.packing", ("PackedDataError",)), ("engmoe.checkpoint.sharded", ("CheckpointError",)),
               ("engmoe.data_prep.readers", ("DataError",)), ("engmoe.data_prep.chat_data", ("ChatDataError",))]
     import importlib
 

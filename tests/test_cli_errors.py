@@ -2,7 +2,6 @@
 the CLI commands; `--traceback` / ENGMOE_TRACEBACK=1 give the full trace; nothing is created before the
 config, the resume path and the data are checked; a missing optional extra names its pip command."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -2,14 +2,13 @@
 the sync save, exact resume, a killed background write leaves the previous `latest`), keep_last retention,
 the free-space check, and the tokenizer recorded in the checkpoint."""
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from engmoe.checkpoint import sharded as ckpt
 from engmoe.config import load_config
-from engmoe.training import checkpoint as ckpt
 
 
 def _config(save_dir, steps=4, *extra):
@@ -157,11 +156,12 @@ def test_full_disk_with_async_save_skips_the_save_and_trains_on(single_rank, tmp
 
 def test_checkpoint_carries_its_tokenizer_for_export_from_any_directory(single_rank, tmp_path, monkeypatch):
     """A demo-style config (data.tokenizer null, relative data root): export-hf still finds the tokenizer."""
+    from dataclasses import asdict
+
     from engmoe.data.tokenizer import load_tokenizer
     from engmoe.export.hf_export import export_hf
     from engmoe.model import build_model
     from engmoe.training.trainer import TrainState
-    from dataclasses import asdict
 
     tok_src = tmp_path / "tokdir" / "tokenizer.json"
     _toy_tokenizer(tok_src)
