@@ -7,7 +7,7 @@ from engmoe.data.blend import BlendError, load_blend
 
 
 def test_every_kind_lists_its_packaged_files():
-    assert resources.known("model") == ["enggpt2-16b-a3b", "proxy", "tiny"]
+    assert resources.known("model") == ["enggpt2-16b-a3b", "ep4-share", "proxy", "tiny"]
     assert resources.known("stages") == ["1", "2", "3", "long-context", "mid-training"]
     assert resources.known("demo") == resources.known("stages")  # one demo overlay per stage
     assert resources.known("slurm") == ["pretrain", "tokenize"]
