@@ -19,7 +19,8 @@ from engmoe.kernels.cross_entropy import fused_cross_entropy
 from engmoe.model.attention import SelfAttention
 from engmoe.model.compiled import set_enabled as set_compile_elementwise
 from engmoe.model.cuda_graphs import AttentionBlock, LayerGraphs, graphable
-from engmoe.model.moe import MoELayer
+from engmoe.model.loss import mask_padded_vocab, per_token_cross_entropy
+from engmoe.model.moe import MoELayer, MoEStats
 from engmoe.model.moe.router import forced_host_counts, routing_from_tensors
 from engmoe.model.norm import RMSNorm
 from engmoe.model.rope import RotaryEmbedding
@@ -32,14 +33,12 @@ from engmoe.parallel.tags import mark_sequence_parallel, mark_tensor_parallel, m
 class ModelOutput:
     """``loss`` per token ``[B, S]`` when labels were given, else ``logits [B, S, V]`` (full vocab).
 
-    ``aux_loss`` is the detached sum of the coefficient-weighted MoE losses of this stage's layers, for
-    logging: its gradient is already injected inside each MoE layer, so do not add it to the loss.
+    The MoE statistics (aux losses, expert loads) are read from ``EngMoEModel.moe_stats()``; the aux
+    losses' gradient is already injected inside each MoE layer (``engmoe.model.loss``).
     """
 
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
-    aux_loss: Optional[torch.Tensor] = None
-    stats: dict = field(default_factory=dict)
 
 
 def _normal_init(std: float):
@@ -188,6 +187,18 @@ class EngMoEModel(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.layers]
 
+    def moe_stats(self, which: str = "last") -> Optional[MoEStats]:
+        """This chunk's MoE statistics stacked over its layers (``layers``: global numbers): of the ``last``
+        forward, the ``mean`` per forward or the ``total`` since the layers' stats were reset. Device
+        tensors: no host sync until read. None without layers or before a forward."""
+        if which not in ("last", "mean", "total"):
+            raise ValueError(f"moe_stats: which must be 'last', 'mean' or 'total', got {which!r}")
+        per_layer = [m.stats.last if which == "last" else getattr(m.stats, which)()
+                     for m in self.moe_layers()]
+        if any(s is None for s in per_layer):
+            return None
+        return MoEStats.stack(per_layer, [layer.layer_number for layer in self.layers])
+
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, kv_cache=None):
         """input_ids, position_ids, doc_ids, labels: ``[B, S]``. Returns a ModelOutput on the last pipeline
@@ -229,33 +240,13 @@ class EngMoEModel(nn.Module):
         x = self.final_norm(x)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output_layer(x, weight=weight)  # [S, B, Vp/tp]
-        self._mask_padded_vocab(logits)
-        aux = sum((m.last_stats["aux_loss"] for m in self.moe_layers()), torch.zeros((), device=logits.device))
-        stats = {"tokens_per_expert": torch.stack([m.last_stats["tokens_per_expert"] for m in self.moe_layers()])
-                 if self.layers else None,
-                 "lb_loss": torch.stack([m.last_stats["lb_loss"] for m in self.moe_layers()]) if self.layers else None}
+        vocab_start = self.env.tp_rank * logits.shape[-1]
+        mask_padded_vocab(logits, self.vocab_size, vocab_start)
         if labels is not None:
-            return ModelOutput(loss=self._loss(logits, labels), aux_loss=aux, stats=stats)
+            tp_group = self.env.tp_group if self.env.tp > 1 else None
+            return ModelOutput(loss=per_token_cross_entropy(logits, labels, self.cfg.cross_entropy, vocab_start,
+                                                            tp_group))
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         full = gather_from_tensor_model_parallel_region(logits)[..., : self.vocab_size]
-        return ModelOutput(logits=full.transpose(0, 1), aux_loss=aux, stats=stats)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy ``[B, S]`` (fp32) from this rank's vocabulary shard of ``[S, B, V/tp]``."""
-        target = labels.t().contiguous()
-        if self.cfg.cross_entropy == "megatron":
-            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-            return vocab_parallel_cross_entropy(logits.float(), target).t()
-        group = self.env.tp_group if self.env.tp > 1 else None
-        start = self.env.tp_rank * logits.shape[-1]
-        return fused_cross_entropy(logits, target, start, group).t()
-
-    def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
-        """Padding columns of the output table never win the softmax (and get no gradient)."""
-        local = logits.shape[-1]
-        start = self.env.tp_rank * local
-        first_pad = self.vocab_size - start
-        if first_pad < local:
-            logits[..., max(first_pad, 0):] = -1e9  # finite: a shard of only padding must not give NaN
+        return ModelOutput(logits=full.transpose(0, 1))

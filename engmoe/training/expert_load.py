@@ -2,7 +2,7 @@
 every ``stage.expert_heatmap_interval`` steps.
 
 The MoE layers already sum each step's (token, slot) counts per expert over the micro-batches on the device
-(``MoELayer.stats_sum``); ``ExpertLoadTracker.accumulate`` adds them into one ``[layers, experts]`` device
+(``MoELayer.stats``, ``engmoe.model.moe.stats``); ``ExpertLoadTracker.accumulate`` adds them into one ``[layers, experts]`` device
 buffer per step (no host sync). At a log step ``collect`` sums it over the data-parallel replicas and the
 pipeline stages (two all-reduces per log interval, on every rank) and reads it to the host once.
 
@@ -35,9 +35,9 @@ class ExpertLoadTracker:
     def accumulate(self) -> None:
         """Add this step's counts (the layers' sums since ``reset_stats``) on the device."""
         for row, layer in zip(self.rows, self.layers):
-            counts = layer.stats_sum.get("tokens_per_expert")
-            if counts is not None:
-                self.interval[row] += counts.to(self.interval.dtype)
+            total = layer.stats.total()
+            if total is not None:
+                self.interval[row] += total.tokens_per_expert.to(self.interval.dtype)
 
     def collect(self, replica_group, pipeline_group) -> np.ndarray:
         """The interval's global counts ``[L, E]`` (a collective: every rank calls it), then a new interval."""

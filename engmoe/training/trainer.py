@@ -28,6 +28,8 @@ from engmoe.checkpoint import sharded as ckpt
 from engmoe.checkpoint.train_state import TrainState
 from engmoe.config import Config, ConfigError
 from engmoe.model import build_model_chunks, count_parameters, model_flops_per_token
+from engmoe.model.loss import masked_mean
+from engmoe.model.moe import MoEStats
 from engmoe.model.moe.balancing import update_expert_biases
 from engmoe.parallel import grad_fusion, initialize_parallel
 from engmoe.parallel.context import shard_batch
@@ -52,18 +54,6 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss with nan_policy=stop, too many skipped steps)."""
 
 
-def _loss_func(loss_mask: torch.Tensor, cp_group, per_token: torch.Tensor):
-    """Masked mean over the micro-batch's tokens. Under context parallelism a rank holds part of the
-    tokens: its loss is its masked sum over the whole micro-batch's token count, and megatron's schedule
-    multiplies it by cp (undone by DDP's 1/(dp·cp) averaging), so the gradient is the single-process one."""
-    mask = loss_mask.to(per_token.dtype)
-    local = (per_token * mask).sum()
-    totals = torch.stack([local.detach(), mask.sum()])
-    if cp_group is not None:
-        dist.all_reduce(totals, group=cp_group)
-    count = totals[1].clamp_min(1.0)
-    # megatron divides (and under CP multiplies) `loss` in place; the logged value is a separate tensor
-    return local / count, {"lm loss": totals[0] / count}
 
 
 def resolve_param_dtype(stage, device: torch.device) -> torch.dtype:
@@ -168,7 +158,7 @@ class Trainer:
                         labels=batch["labels"])
         if not unwrap(model).post_process:
             return out, lambda t: (t.sum() * 0, {})
-        return out.loss, partial(_loss_func, batch["loss_mask"], self.cp_group)
+        return out.loss, partial(masked_mean, batch["loss_mask"], self.cp_group)
 
     def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -187,6 +177,12 @@ class Trainer:
 
     def moe_layers(self) -> list:
         return [layer for m in self.models for layer in m.moe_layers()]
+
+    def moe_stats(self, which: str = "last") -> MoEStats | None:
+        """The MoE statistics of this rank's layers (all model chunks, ``layers``: global numbers), as
+        ``EngMoEModel.moe_stats``: device tensors. After ``train_step``, ``total`` is the step's sum over
+        this rank's micro-batches and ``mean`` its per-micro-batch mean."""
+        return MoEStats.cat([m.moe_stats(which) for m in self.models])
 
     def set_train(self, mode: bool) -> None:
         for m in self.ddp_models:
@@ -242,11 +238,10 @@ class Trainer:
                      f"(loss {lm}, grad norm {norm}); nan_policy={cfg.stage.nan_policy}")
             if cfg.stage.nan_policy == "stop":
                 raise TrainingStopped(f"non-finite loss/grad norm at step {st.step + 1}")
-        stats = [m.mean_stats() for m in self.moe_layers()]  # per micro-batch, averaged over this step
+        stats = self.moe_stats("mean")  # per micro-batch, averaged over this step: [L, ...] of this rank's layers
         self.expert_load.accumulate()  # on device; read at the next log step
-        aux = self._pp_reduce(sum((s["aux_loss"] for s in stats),
-                                  torch.zeros((), dtype=torch.float64, device=self.device)))
-        lo, hi = expert_load_extremes(torch.stack([s["tokens_per_expert"] for s in stats]))
+        aux = self._pp_reduce(stats.aux_loss.sum())
+        lo, hi = expert_load_extremes(stats.tokens_per_expert)
         lo = self._pp_reduce(torch.tensor(lo, device=self.device), dist.ReduceOp.MIN).item()
         hi = self._pp_reduce(torch.tensor(hi, device=self.device), dist.ReduceOp.MAX).item()
         st.step += 1

@@ -83,11 +83,12 @@ def test_outputs_and_stats(single_rank):
     model = build_model(cfg.model, cfg.parallel)
     x = torch.randint(0, cfg.model.vocab_size, (3, 20))
     out = model(x, labels=x)
+    stats = model.moe_stats()
     assert out.loss.shape == (3, 20)
-    tpe = out.stats["tokens_per_expert"]
+    tpe = stats.tokens_per_expert
     assert tpe.shape == (cfg.model.num_layers, cfg.model.moe.num_experts)
     assert (tpe.sum(1) == 3 * 20 * cfg.model.moe.top_k).all()
-    assert out.aux_loss.item() == pytest.approx(cfg.model.moe.aux_loss_coeff * out.stats["lb_loss"].sum().item())
+    assert stats.aux_loss.sum().item() == pytest.approx(cfg.model.moe.aux_loss_coeff * stats.lb_loss.sum().item())
 
 
 def test_tiny_model_overfits_a_fixed_batch(single_rank):
@@ -109,3 +110,17 @@ def test_tiny_model_overfits_a_fixed_batch(single_rank):
             break
     assert loss.item() < first / 10, f"loss {first:.3f} → {loss.item():.3f} in {step + 1} steps"
     assert step < 79
+
+
+def test_moe_stats_stack_layers_with_global_numbers(single_rank):
+    cfg = _tiny()
+    model = build_model(cfg.model, cfg.parallel)
+    assert model.moe_stats() is None  # before any forward
+    x = torch.randint(0, cfg.model.vocab_size, (2, 12))
+    model(x, labels=x)
+    model(x[:1], labels=x[:1])
+    last, total = model.moe_stats("last"), model.moe_stats("total")
+    assert last.layers == tuple(range(cfg.model.num_layers))
+    assert (last.tokens_per_expert.sum(1) == 12 * cfg.model.moe.top_k).all()
+    assert (total.tokens_per_expert.sum(1) == 3 * 12 * cfg.model.moe.top_k).all()
+    torch.testing.assert_close(model.moe_stats("mean").lb_loss, total.lb_loss / 2)

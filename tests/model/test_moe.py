@@ -59,7 +59,7 @@ def test_experts_without_tokens_and_gradients():
     layer.train()
     x.requires_grad_(True)
     out = layer(x)
-    counts = layer.last_stats["tokens_per_expert"]
+    counts = layer.stats.last.tokens_per_expert
     assert counts[0] == 0 and counts[5] == 0 and counts.sum() == 13 * 2
     torch.testing.assert_close(out.view(-1, 10), _naive_moe(x.detach().view(-1, 10), layer), rtol=1e-10, atol=1e-10)
     out.sum().backward()
@@ -167,7 +167,7 @@ def test_force_balanced_routing_round_robin_exact_counts_and_real_probabilities(
     layer.train()
     x = torch.randn(T, 1, H, dtype=torch.float64)
     out = layer(x)
-    counts = layer.last_stats["tokens_per_expert"]
+    counts = layer.stats.last.tokens_per_expert
     assert counts.tolist() == [T * k // E] * E
     routing = layer.router(x.view(T, H))
     want_idx = (torch.arange(T * k) % E).view(T, k)
@@ -201,3 +201,25 @@ def test_expert_counts_equal_bincount():
 
     idx = torch.randint(0, 7, (33, 3))
     assert torch.equal(expert_counts(idx, 9), torch.bincount(idx.reshape(-1), minlength=9))
+
+
+def test_stats_channel_accumulates_on_device_and_resets():
+    """layer.stats: ``last`` is the latest forward's, ``total``/``mean`` the sum/mean since ``reset``."""
+    torch.manual_seed(5)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=8, aux_loss_coeff=0.1, z_loss_coeff=0.01,
+                    kernel_backend="reference")
+    layer = _layer(moe, hidden=10)
+    assert layer.stats.last is None and layer.stats.mean() is None
+    lasts = []
+    for n in (7, 11):
+        layer(torch.randn(n, 1, 10, dtype=torch.float64))
+        lasts.append(layer.stats.last)
+        assert int(layer.stats.last.tokens_per_expert.sum()) == n * 2
+    total, mean = layer.stats.total(), layer.stats.mean()
+    assert layer.stats.count == 2 and total.tokens_per_expert.dtype == torch.float64
+    torch.testing.assert_close(total.tokens_per_expert, (lasts[0].tokens_per_expert + lasts[1].tokens_per_expert).double())
+    for f in ("lb_loss", "z_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(mean, f), (getattr(lasts[0], f) + getattr(lasts[1], f)).double() / 2)
+    torch.testing.assert_close(lasts[1].aux_loss, 0.1 * lasts[1].lb_loss + 0.01 * lasts[1].z_loss)
+    layer.stats.reset()
+    assert layer.stats.total() is None and layer.stats.count == 0 and layer.stats.last is lasts[1]

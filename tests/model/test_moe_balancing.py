@@ -50,7 +50,7 @@ def _load_ratio(layer: MoELayer, x: torch.Tensor) -> float:
     layer.reset_stats()
     with torch.no_grad():
         layer(x)
-    load = layer.last_stats["tokens_per_expert"].double()
+    load = layer.stats.last.tokens_per_expert.double()
     return (load.max() / load.mean()).item()
 
 

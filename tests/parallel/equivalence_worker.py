@@ -127,7 +127,7 @@ def run_job(job: dict, out_dir: Path, backend: str | None) -> None:
         first = trainer.train_step()
         trainer.optimizer.clip = clip
         trainer.optimizer.finish_param_sync()  # overlap_param_gather: read the parameters outside a forward
-        counts = torch.stack([m.last_stats["tokens_per_expert"] for m in trainer.moe_layers()])
+        counts = trainer.moe_stats().tokens_per_expert
         # weights whose gradient went straight into main_grad (gradient-accumulation fusion) on this rank
         record["fused_weights"] = sum(bool(getattr(p, "grad_added_to_main_grad", False))
                                       for m in trainer.models for p in m.parameters())

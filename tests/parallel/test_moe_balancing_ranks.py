@@ -22,6 +22,11 @@ from engmoe.model.moe.balancing import update_expert_biases
 E, K, H, T, MICRO = 8, 2, 16, 24, 3  # T tokens per micro-batch slice (whole global micro-batch)
 
 
+def _stats(counts):
+    """A stand-in for a layer's MoEStatsAccumulator whose step total has these expert counts."""
+    return types.SimpleNamespace(total=lambda: types.SimpleNamespace(tokens_per_expert=counts))
+
+
 def _tokens() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     return [torch.randn(T, H, generator=g) + 0.3 for _ in range(MICRO)]
@@ -44,7 +49,7 @@ def _step(router: TopKRouter, micro_batches: list[torch.Tensor]):
         (r.lb_loss / MICRO).backward()
         losses.append(r.lb_loss.detach())
         counts += r.tokens_per_expert.double()
-    layer = types.SimpleNamespace(stats_sum={"tokens_per_expert": counts}, router=router)
+    layer = types.SimpleNamespace(stats=_stats(counts), router=router)
     return torch.stack(losses), router.weight.grad.clone(), layer
 
 
@@ -90,7 +95,7 @@ def _load_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
     def layer(number: int, counts: list[float]):
-        return types.SimpleNamespace(layer_number=number, stats_sum={"tokens_per_expert": torch.tensor(counts)})
+        return types.SimpleNamespace(layer_number=number, stats=_stats(torch.tensor(counts)))
 
     stage = ExpertLoadTracker([layer(rank, [1.0 + rank, 2.0, 0.0])], 2, 3, torch.device("cpu"))
     stage.accumulate()

@@ -32,7 +32,7 @@ def update_expert_biases(layers: list, rate: float, replica_group: Optional[dist
     loads ``[L, E]`` used."""
     if not layers:
         return torch.zeros(0)
-    load = torch.stack([layer.stats_sum["tokens_per_expert"] for layer in layers]).double()
+    load = torch.stack([layer.stats.total().tokens_per_expert for layer in layers]).double()
     if replica_group is not None:
         dist.all_reduce(load, group=replica_group)
     delta = expert_bias_step(load, rate)

@@ -1,4 +1,5 @@
-"""The MoE layer, and how its auxiliary loss reaches the gradient from any pipeline stage."""
+"""The MoE layer, and how its auxiliary loss reaches the gradient from any pipeline stage (why: the
+docstring of ``engmoe.model.loss``)."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,7 @@ from engmoe.kernels import get_moe_kernels
 from engmoe.model.moe.dispatcher import make_dispatcher
 from engmoe.model.moe.experts import GroupedExperts
 from engmoe.model.moe.router import RoutingResult, TopKRouter
+from engmoe.model.moe.stats import MoEStats, MoEStatsAccumulator
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -71,20 +73,13 @@ class MoELayer(nn.Module):
                                           overlap_chunks=a2a_chunks)
         self.kernels = get_moe_kernels(moe.kernel_backend)
         self.aux_loss_scale = 1.0
-        self.last_stats: dict[str, torch.Tensor] = {}
-        self.reset_stats()
+        self.stats = MoEStatsAccumulator()  # the routing statistics of every forward (engmoe.model.moe.stats)
 
     def reset_stats(self) -> None:
-        """Start accumulating statistics anew (the trainer does this once per optimizer step)."""
-        self.stats_sum: dict[str, torch.Tensor] = {}
-        self.stats_count = 0
-        if hasattr(self, "router"):
-            self.router.reset_global_counts()
-
-    def mean_stats(self) -> dict[str, torch.Tensor]:
-        """Per-micro-batch mean of the statistics since ``reset_stats`` (layout-independent, unlike the last
-        micro-batch's, which depends on how the batch was split over data-parallel ranks)."""
-        return {k: v / max(self.stats_count, 1) for k, v in self.stats_sum.items()}
+        """Start accumulating statistics anew (the trainer does this once per optimizer step): ``self.stats``
+        and the router's global-batch counts."""
+        self.stats.reset()
+        self.router.reset_global_counts()
 
     def forward(self, x: torch.Tensor, routing: RoutingResult | None = None) -> torch.Tensor:
         """x: ``[S, B, H]`` → ``[S, B, H]``. ``routing``: this layer's router already run on ``x`` (a CUDA graph
@@ -103,15 +98,9 @@ class MoELayer(nn.Module):
                                 host_counts=host_counts)
 
         out = self.dispatcher.run(tokens, routing, self.kernels, run_experts).view(shape).to(x.dtype)
-        self.last_stats = {  # whole micro-batch values (summed over the token group)
-            "lb_loss": routing.lb_loss_total,
-            "z_loss": routing.z_loss_total,
-            "aux_loss": routing.aux_loss_total,
-            "tokens_per_expert": routing.tokens_per_expert.detach(),
-        }
-        for k, v in self.last_stats.items():
-            self.stats_sum[k] = self.stats_sum[k] + v if k in self.stats_sum else v.to(torch.float64)
-        self.stats_count += 1
+        # whole micro-batch values (summed over the token group)
+        self.stats.record(MoEStats(routing.tokens_per_expert.detach(), routing.lb_loss_total,
+                                   routing.z_loss_total, routing.aux_loss_total))
         if self.training and routing.aux_loss.requires_grad:
             out = AuxLossInjector.apply(out, routing.aux_loss, self.aux_loss_scale)
         return out
