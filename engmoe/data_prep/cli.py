@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_demo)
 
     try:
-        from engmoe.data_prep import chat_data, copyright_filter, tokenizer_build
+        from engmoe.data_prep import chat_data, tokenizer_build
+        from engmoe.data_prep.copyright import cli as copyright_cli
     except ImportError as e:  # the commands need the optional `data` extra (datatrove, tokenizers, ...)
         from engmoe.errors import extra_for, missing_extra
 
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         raise missing_extra(e.name.split(".")[0], extra, "engmoe-data") from e
 
-    for module in (tokenizer_build, copyright_filter, chat_data):
+    for module in (tokenizer_build, copyright_cli, chat_data):
         module.register(sub)
     return parser
 

@@ -207,7 +207,7 @@ def build_pipelines(job: TokenizeJob):
     if job.copyright_threshold is not None:
         from datatrove.pipeline.writers import JsonlWriter
 
-        from engmoe.data_prep.copyright_filter import CopyrightRiskFilter
+        from engmoe.data_prep.copyright.step import CopyrightRiskFilter
 
         exclusions = (JsonlWriter(str(Path(job.output) / "excluded" / "copyright"),
                                   output_filename="${rank}.jsonl.gz") if job.write_exclusions else None)

@@ -112,7 +112,7 @@ def _licence_table(stages: list[StageData]) -> list[str]:
 
 
 def _filter_section(stages: list[StageData]) -> list[str]:
-    from engmoe.data_prep.copyright_filter import filter_report
+    from engmoe.data_prep.copyright.report import filter_report
 
     lines = ["### Filtering", ""]
     seen: set[str] = set()

@@ -8,15 +8,18 @@ import pickle
 import pytest
 from datatrove.data import Document
 
-from engmoe.data_prep import copyright_filter as cf
-from engmoe.data_prep.copyright_filter import (
+from engmoe.data_prep.copyright.blocklist import BlocklistError, load_blocklist, match_domain
+from engmoe.data_prep.copyright.cli import register
+from engmoe.data_prep.copyright.report import filter_report
+from engmoe.data_prep.copyright.signals import (
     PAGE_RUN_MARKERS,
-    BlocklistError,
-    CopyrightRiskFilter,
-    filter_report,
-    load_blocklist,
+    SIGNALS,
+    _normalise_isbn,
+    count_editorial,
+    find_dois,
     score_document,
 )
+from engmoe.data_prep.copyright.step import CopyrightRiskFilter
 
 _SENTENCES = (
     "The river was low this summer and the boats stayed in the harbour for weeks.",
@@ -84,7 +87,7 @@ def test_custom_blocklist_file_and_comments(tmp_path):
     blocklist = load_blocklist(path)
     assert blocklist == {"example.com": "news", "law.example.org": "legal"}
     assert score_document("hello", "https://a.law.example.org/x", blocklist).signals.domain == "legal"
-    assert cf.match_domain("https://a.law.example.org/x", blocklist) == ("law.example.org", "legal")
+    assert match_domain("https://a.law.example.org/x", blocklist) == ("law.example.org", "legal")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -144,10 +147,10 @@ def test_editorial_table_of_contents_leader_lines(blocklist):
 def test_editorial_page_number_runs(blocklist):
     page = prose(800)
     paginated = f"{page}\n11\n{page}\n- 12 -\n{page}\nPage 13\n{page}"
-    assert cf.count_editorial(paginated.lower()) == PAGE_RUN_MARKERS
+    assert count_editorial(paginated.lower()) == PAGE_RUN_MARKERS
     # two page numbers are not a run; adjacent numbered lines (pagination links, lists) are not pages
-    assert cf.count_editorial(f"{page}\n11\n{page}\n12\n{page}".lower()) == 0
-    assert cf.count_editorial(f"{page}\n1\n2\n3\n4\n5\nNext\n{page}".lower()) == 0
+    assert count_editorial(f"{page}\n11\n{page}\n12\n{page}".lower()) == 0
+    assert count_editorial(f"{page}\n1\n2\n3\n4\n5\nNext\n{page}".lower()) == 0
 
 
 # ------------------------------------------------------------------------------------------------ boilerplate
@@ -218,7 +221,7 @@ def test_isbn_detection_validates_check_digits(blocklist, snippet, expected):
 
 def test_doi_detection(blocklist):
     text = prose(300) + "\nSee doi:10.1000/182 and https://doi.org/10.1038/nphys1170. Version 10.12/3 is not one."
-    assert cf.find_dois(text.lower()) == {"10.1000/182", "10.1038/nphys1170"}
+    assert find_dois(text.lower()) == {"10.1000/182", "10.1038/nphys1170"}
     result = score_document(text, None, blocklist)
     assert result.signals.identifiers == 2 and result.fired == ("identifiers",)
     assert result.score < 0.3  # identifiers alone stay below the thresholds
@@ -228,7 +231,7 @@ def test_doi_detection(blocklist):
 def test_editorial_plus_isbn_scores_high(blocklist):
     book = "\n".join(["Prefazione", prose(300), "Capitolo 1", prose(300), "Capitolo 2", prose(300),
                       "Capitolo 3", prose(300), "ISBN 978-88-04-66823-7"])
-    assert cf._normalise_isbn("978-88-04-66823-7") is not None
+    assert _normalise_isbn("978-88-04-66823-7") is not None
     result = score_document(book, None, blocklist)
     assert result.signals.editorial == 4 and result.signals.identifiers == 1
     assert result.fired == ("editorial", "identifiers")
@@ -241,7 +244,7 @@ def test_score_is_bounded_and_reports_every_signal(blocklist):
                      + [f"ISBN 978-0-306-40615-7 doi:10.1000/{i}" for i in range(30)])
     result = score_document(text, "https://www.einaudi.it/libro", blocklist)
     assert 0.9 < result.score <= 1.0
-    assert result.fired == cf.SIGNALS
+    assert result.fired == SIGNALS
     assert score_document("", None, blocklist).score == 0.0
 
 
@@ -433,7 +436,7 @@ def test_filter_report_errors(tmp_path, payload, message):
 # ------------------------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    cf.register(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -240,7 +240,7 @@ def test_cli_tokenize_and_check_blend(corpus, tmp_path, tokenizer_path):
 
 
 def test_copyright_filter_in_the_job_drops_reports_and_writes_exclusions(tmp_path, tokenizer_path):
-    from engmoe.data_prep.copyright_filter import filter_report
+    from engmoe.data_prep.copyright.report import filter_report
 
     src = tmp_path / "raw"
     keep = _docs(20, 5)

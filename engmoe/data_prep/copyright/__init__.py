@@ -15,7 +15,7 @@ The report drops pretraining documents whose copyright-risk score exceeds a thre
 * :mod:`.cli`: :func:`~.cli.register`, the ``engmoe-data copyright-score`` / ``copyright-report``
   subcommands.
 
-Import the public names from :mod:`engmoe.data_prep.copyright_filter`, the stable facade over this package.
+Import each name from the module that defines it (e.g. ``engmoe.data_prep.copyright.step.CopyrightRiskFilter``).
 
 Scoring (documented once here; the constants in :mod:`.signals` are the knobs)
 --------------------------------------------------------------------------------
