@@ -82,10 +82,6 @@ TORCH = MoEKernels("torch", reference.routing_maps, reference.permute, reference
                    reference.swiglu, _torch_grouped_mlp, reference.router_topk)
 
 
-def _torch_grouped_mm_usable() -> bool:  # kept for callers of the old name
-    return grouped.torch_grouped_mm_usable()
-
-
 @functools.lru_cache(maxsize=None)
 def _grouped_gemm_kernels(wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> MoEKernels:
     return MoEKernels("grouped_gemm", reference.routing_maps, reference.permute, reference.unpermute,
