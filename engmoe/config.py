@@ -102,7 +102,7 @@ class MoEConfig:
 
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm")
 CUDA_GRAPH_MODES = ("none", "attention", "attention_router")  # engmoe.model.cuda_graphs
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "te", "naive")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "naive")
 
 
 @dataclass
@@ -287,11 +287,9 @@ class DataConfig:
     mock: bool = False
     # Packed chat data with document masks and loss masks (mid-training).
     packed: bool = False
-    num_workers: int = 2
 
     def validate(self, where: str = "data") -> None:
         _check(self.seq_len is None or self.seq_len >= 2, f"{where}.seq_len", f"must be >= 2, got {self.seq_len}")
-        _check(self.num_workers >= 0, f"{where}.num_workers", "must be >= 0")
 
 
 @dataclass

@@ -219,8 +219,6 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, has_doc
         raise RuntimeError("attention_backend 'flash' needs the flash_attn package, a CUDA device and bf16/fp16")
     if name == "flex" and not on_gpu:
         raise RuntimeError("attention_backend 'flex' (FlexAttention) is only used on CUDA devices")
-    if name == "te":
-        raise RuntimeError("attention_backend 'te' is not wired yet: use 'auto', 'flash', 'flex' or 'sdpa'")
     if name not in BACKENDS:
         raise RuntimeError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     return name

@@ -58,7 +58,7 @@ def train_tiny_stages(root: Path, demo_root: Path, steps: Sequence[int] = (6, 4)
                      "stage.global_batch=4", "stage.micro_batch=2", "stage.log_interval=2", "stage.eval_interval=3",
                      "stage.expert_heatmap_interval=4",
                      "stage.eval_batches=1", "stage.save_interval=3", "optimizer.warmup_steps=1", "optimizer.lr=3e-3",
-                     "optimizer.min_lr=1e-3", "data.num_workers=0"]
+                     "optimizer.min_lr=1e-3"]
         if runs:
             overrides.append(f"stage.init_from={runs[-1]}")
         Trainer(tiny_config(run, overrides), log=lambda *a, **k: None).train()
