@@ -39,7 +39,7 @@ BASE_OVERRIDES = [
 CATEGORIES = [
     ("optimizer (AdamW, grad norm, clip)", r"foreach|fused_adam|adam|_amp_foreach|norm_reduce|multi_tensor"),
     ("fp32 grad accumulation (main_grad += grad)", r"CUDAFunctor_add<float>"),
-    ("cross-entropy", r"ce_stats|ce_bwd|cross_entropy|log_softmax|nll|logsumexp|vocab"),
+    ("cross-entropy", r"cross_entropy|log_softmax|nll|logsumexp|vocab"),
     ("expert grouped GEMM", r"grouped_mm|GroupedMM|grouped_gemm|Grouped|cutlass.*[Gg]roup"),
     ("attention", r"flash|fmha|attention|sdpa|flex|triton_tem"),
     ("fused elementwise (torch.compile)", r"triton_"),

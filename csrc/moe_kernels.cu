@@ -1,4 +1,4 @@
-// engmoe grouped-expert kernels. Memory-bound data movement (routing sort, permute, combine) and the
+// engmoe grouped-expert kernels. Memory-bound data movement (routing sort, permute, unpermute) and the
 // SwiGLU activation, each written so that every output element is stored exactly once with a fixed
 // reduction order (deterministic, no float atomics), with 16-byte vector accesses where the row size
 // and the pointers allow it. See moe_kernels.h for the op contracts and bench/KERNEL_NOTES.md for the
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kRtThreads) routing_scatter_kernel(const IdxT*
 }
 
 // ------------------------------------------------------------------------------------------------
-// permute / combine: one group of blockDim.x threads per token (blockDim.y tokens per block)
+// permute / unpermute: one group of blockDim.x threads per token (blockDim.y tokens per block)
 // ------------------------------------------------------------------------------------------------
 template <typename T, int N, int KC>
 __global__ void __launch_bounds__(kBlock) permute_kernel(const T* __restrict__ x, const int64_t* __restrict__ s2r,
@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(kBlock) permute_kernel(const T* __restrict__ x
 }
 
 template <typename T, int N, int KC>
-__global__ void __launch_bounds__(kBlock) combine_kernel(const T* __restrict__ y, const int64_t* __restrict__ s2r,
+__global__ void __launch_bounds__(kBlock) unpermute_kernel(const T* __restrict__ y, const int64_t* __restrict__ s2r,
                                                          const float* __restrict__ probs, T* __restrict__ out,
                                                          int64_t ntok, int k, int64_t V) {
   using VT = Vec<T, N>;
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kBlock) combine_kernel(const T* __restrict__ y
 // grad_y rows are scattered from g[t] (read once per chunk of KC slots); the probability gradient is a
 // per-(token, slot) dot product reduced warp-then-block in a fixed order.
 template <typename T, int N, int KC>
-__global__ void __launch_bounds__(kBlock) combine_bwd_kernel(const T* __restrict__ g, const T* __restrict__ y,
+__global__ void __launch_bounds__(kBlock) unpermute_bwd_kernel(const T* __restrict__ g, const T* __restrict__ y,
                                                              const int64_t* __restrict__ s2r,
                                                              const float* __restrict__ probs, T* __restrict__ gy,
                                                              float* __restrict__ gp, int64_t ntok, int k, int64_t V) {
@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(kBlock) swiglu_bwd_kernel(const T* __restrict_
 // router: softmax + top-k (+ renormalisation), one warp per token, EPL experts per lane
 // ------------------------------------------------------------------------------------------------
 template <int EPL>
-__global__ void __launch_bounds__(kBlock) topk_softmax_kernel(const float* __restrict__ logits,
+__global__ void __launch_bounds__(kBlock) router_topk_kernel(const float* __restrict__ logits,
                                                               float* __restrict__ probs, float* __restrict__ tp,
                                                               int64_t* __restrict__ ti, int64_t T, int E, int k,
                                                               bool renorm) {
@@ -489,7 +489,7 @@ __global__ void __launch_bounds__(kBlock) topk_softmax_kernel(const float* __res
 }
 
 template <int EPL>
-__global__ void __launch_bounds__(kBlock) topk_softmax_bwd_kernel(
+__global__ void __launch_bounds__(kBlock) router_topk_bwd_kernel(
     const float* __restrict__ gprobs, const float* __restrict__ gtopk, const float* __restrict__ probs,
     const float* __restrict__ tp, const int64_t* __restrict__ ti, float* __restrict__ glogits, int64_t T, int E, int k,
     bool renorm) {
@@ -550,7 +550,7 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(kCeBlock) ce_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
+__global__ void __launch_bounds__(kCeBlock) cross_entropy_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
                                                             float* __restrict__ row_max, float* __restrict__ row_sumexp,
                                                             float* __restrict__ row_target, int64_t Vv, int64_t V,
                                                             int64_t vocab_start) {
@@ -599,7 +599,7 @@ __global__ void __launch_bounds__(kCeBlock) ce_stats_kernel(const T* __restrict_
 
 // gx may alias x (in-place backward): each element is read, then written, by the same thread
 template <typename T, int N>
-__global__ void __launch_bounds__(kCeBlock) ce_bwd_kernel(const T* x, const int64_t* __restrict__ target,
+__global__ void __launch_bounds__(kCeBlock) cross_entropy_backward_kernel(const T* x, const int64_t* __restrict__ target,
                                                           const float* __restrict__ row_max,
                                                           const float* __restrict__ inv_sumexp,
                                                           const float* __restrict__ grad, T* gx, int64_t Vv,
@@ -708,7 +708,7 @@ cudaError_t launch_permute(DType dt, const void* x, const int64_t* s2r, void* ou
   });
 }
 
-cudaError_t launch_combine(DType dt, const void* y, const int64_t* s2r, const float* probs, void* out, int64_t T,
+cudaError_t launch_unpermute(DType dt, const void* y, const int64_t* s2r, const float* probs, void* out, int64_t T,
                            int k, int64_t H, bool vec_ok, cudaStream_t stream) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (k == 0) return cudaSuccess;  // the caller zero-fills out
@@ -722,17 +722,17 @@ cudaError_t launch_combine(DType dt, const void* y, const int64_t* s2r, const fl
       dim3 block(tpr, kBlock / tpr);
       const unsigned grid = grid_for(T, block.y);
       if (vec_ok)
-        combine_kernel<Ty, NV, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(y), s2r, probs,
+        unpermute_kernel<Ty, NV, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(y), s2r, probs,
                                                                static_cast<Ty*>(out), T, k, V);
       else
-        combine_kernel<Ty, 1, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(y), s2r, probs,
+        unpermute_kernel<Ty, 1, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(y), s2r, probs,
                                                               static_cast<Ty*>(out), T, k, V);
       return cudaGetLastError();
     });
   });
 }
 
-cudaError_t launch_combine_bwd(DType dt, const void* g, const void* y, const int64_t* s2r, const float* probs,
+cudaError_t launch_unpermute_bwd(DType dt, const void* g, const void* y, const int64_t* s2r, const float* probs,
                                void* grad_y, float* grad_probs, int64_t T, int k, int64_t H, bool vec_ok,
                                cudaStream_t stream) {
   if (T == 0 || k == 0) return cudaSuccess;
@@ -750,11 +750,11 @@ cudaError_t launch_combine_bwd(DType dt, const void* g, const void* y, const int
       dim3 block(tpr, kBlock / tpr);
       const unsigned grid = grid_for(T, block.y);
       if (vec_ok)
-        combine_bwd_kernel<Ty, NV, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(g),
+        unpermute_bwd_kernel<Ty, NV, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(g),
                                                                    static_cast<const Ty*>(y), s2r, probs,
                                                                    static_cast<Ty*>(grad_y), grad_probs, T, k, V);
       else
-        combine_bwd_kernel<Ty, 1, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(g),
+        unpermute_bwd_kernel<Ty, 1, KC><<<grid, block, 0, stream>>>(static_cast<const Ty*>(g),
                                                                   static_cast<const Ty*>(y), s2r, probs,
                                                                   static_cast<Ty*>(grad_y), grad_probs, T, k, V);
       return cudaGetLastError();
@@ -814,32 +814,32 @@ static cudaError_t with_epl(int E, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_topk_softmax(const float* logits, float* probs, float* topk_probs, int64_t* topk_idx, int64_t T,
+cudaError_t launch_router_topk(const float* logits, float* probs, float* topk_probs, int64_t* topk_idx, int64_t T,
                                 int E, int k, bool renorm, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   if (k < 1 || k > E) return cudaErrorInvalidValue;
   return with_epl(E, [&](auto epl) {
     constexpr int EPL = decltype(epl)::value;
     const unsigned grid = grid_for(T, kBlock / 32);
-    topk_softmax_kernel<EPL><<<grid, kBlock, 0, stream>>>(logits, probs, topk_probs, topk_idx, T, E, k, renorm);
+    router_topk_kernel<EPL><<<grid, kBlock, 0, stream>>>(logits, probs, topk_probs, topk_idx, T, E, k, renorm);
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_topk_softmax_bwd(const float* grad_probs, const float* grad_topk, const float* probs,
+cudaError_t launch_router_topk_bwd(const float* grad_probs, const float* grad_topk, const float* probs,
                                     const float* topk_probs, const int64_t* topk_idx, float* grad_logits, int64_t T,
                                     int E, int k, bool renorm, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   return with_epl(E, [&](auto epl) {
     constexpr int EPL = decltype(epl)::value;
     const unsigned grid = grid_for(T, kBlock / 32);
-    topk_softmax_bwd_kernel<EPL><<<grid, kBlock, 0, stream>>>(grad_probs, grad_topk, probs, topk_probs, topk_idx,
+    router_topk_bwd_kernel<EPL><<<grid, kBlock, 0, stream>>>(grad_probs, grad_topk, probs, topk_probs, topk_idx,
                                                               grad_logits, T, E, k, renorm);
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_ce_stats(DType dt, const void* logits, const int64_t* target, float* row_max, float* row_sumexp,
+cudaError_t launch_cross_entropy_stats(DType dt, const void* logits, const int64_t* target, float* row_max, float* row_sumexp,
                             float* row_target, int64_t N, int64_t V, int64_t vocab_start, bool vec_ok,
                             cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
@@ -849,16 +849,16 @@ cudaError_t launch_ce_stats(DType dt, const void* logits, const int64_t* target,
     constexpr int NV = vec_n<Ty>();
     const unsigned grid = static_cast<unsigned>(N);
     if (vec_ok)
-      ce_stats_kernel<Ty, NV><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+      cross_entropy_stats_kernel<Ty, NV><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
                                                              row_sumexp, row_target, V / NV, V, vocab_start);
     else
-      ce_stats_kernel<Ty, 1><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+      cross_entropy_stats_kernel<Ty, 1><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
                                                             row_sumexp, row_target, V, V, vocab_start);
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_ce_bwd(DType dt, const void* logits, const int64_t* target, const float* row_max,
+cudaError_t launch_cross_entropy_backward(DType dt, const void* logits, const int64_t* target, const float* row_max,
                           const float* inv_sumexp, const float* grad, void* grad_logits, int64_t N, int64_t V,
                           int64_t vocab_start, bool vec_ok, cudaStream_t stream) {
   if (N == 0 || V == 0) return cudaSuccess;
@@ -868,11 +868,11 @@ cudaError_t launch_ce_bwd(DType dt, const void* logits, const int64_t* target, c
     constexpr int NV = vec_n<Ty>();
     const unsigned grid = static_cast<unsigned>(N);
     if (vec_ok)
-      ce_bwd_kernel<Ty, NV><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+      cross_entropy_backward_kernel<Ty, NV><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
                                                            inv_sumexp, grad, static_cast<Ty*>(grad_logits), V / NV,
                                                            V, vocab_start);
     else
-      ce_bwd_kernel<Ty, 1><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
+      cross_entropy_backward_kernel<Ty, 1><<<grid, kCeBlock, 0, stream>>>(static_cast<const Ty*>(logits), target, row_max,
                                                           inv_sumexp, grad, static_cast<Ty*>(grad_logits), V, V,
                                                           vocab_start);
     return cudaGetLastError();

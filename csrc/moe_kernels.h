@@ -27,13 +27,13 @@ cudaError_t launch_routing_maps(const void* idx, bool idx_int64, int64_t n, int 
 cudaError_t launch_permute(DType dt, const void* x, const int64_t* slot_to_row, void* out, int64_t T, int k,
                            int64_t H, bool vec_ok, cudaStream_t stream);
 
-// ---- combine: out[t, :] = sum_j p[t, j] * y[slot_to_row[t*k+j], :]  (p == nullptr: p = 1) ------------
-cudaError_t launch_combine(DType dt, const void* y, const int64_t* slot_to_row, const float* probs, void* out,
+// ---- unpermute: out[t, :] = sum_j p[t, j] * y[slot_to_row[t*k+j], :]  (p == nullptr: p = 1) ------------
+cudaError_t launch_unpermute(DType dt, const void* y, const int64_t* slot_to_row, const float* probs, void* out,
                            int64_t T, int k, int64_t H, bool vec_ok, cudaStream_t stream);
 
-// ---- combine backward: grad_y[slot_to_row[t*k+j], :] = p[t, j] * g[t, :];
+// ---- unpermute backward: grad_y[slot_to_row[t*k+j], :] = p[t, j] * g[t, :];
 //      grad_probs[t, j] = <g[t, :], y[slot_to_row[t*k+j], :]>  (only when y and grad_probs are given) ---
-cudaError_t launch_combine_bwd(DType dt, const void* g, const void* y, const int64_t* slot_to_row,
+cudaError_t launch_unpermute_bwd(DType dt, const void* g, const void* y, const int64_t* slot_to_row,
                                const float* probs, void* grad_y, float* grad_probs, int64_t T, int k, int64_t H,
                                bool vec_ok, cudaStream_t stream);
 
@@ -44,9 +44,9 @@ cudaError_t launch_swiglu_bwd(DType dt, const void* grad_out, const void* h, con
                               float* grad_scale, int64_t N, int64_t F, bool vec_ok, cudaStream_t stream);
 
 // ---- router: softmax over E experts, top-k (ties: lower expert id first), optional renormalisation ------
-cudaError_t launch_topk_softmax(const float* logits, float* probs, float* topk_probs, int64_t* topk_idx, int64_t T,
+cudaError_t launch_router_topk(const float* logits, float* probs, float* topk_probs, int64_t* topk_idx, int64_t T,
                                 int E, int k, bool renorm, cudaStream_t stream);
-cudaError_t launch_topk_softmax_bwd(const float* grad_probs, const float* grad_topk, const float* probs,
+cudaError_t launch_router_topk_bwd(const float* grad_probs, const float* grad_topk, const float* probs,
                                     const float* topk_probs, const int64_t* topk_idx, float* grad_logits, int64_t T,
                                     int E, int k, bool renorm, cudaStream_t stream);
 
@@ -54,13 +54,13 @@ cudaError_t launch_topk_softmax_bwd(const float* grad_probs, const float* grad_t
 // stats: row_max[r], row_sumexp[r] = sum_j exp(x[r, j] - row_max[r]), row_target[r] = x[r, t - vocab_start]
 // when the target t falls in this shard, else 0. The global max and sum-exp are combined from these (over the
 // tensor-parallel ranks) by the caller.
-cudaError_t launch_ce_stats(DType dt, const void* logits, const int64_t* target, float* row_max, float* row_sumexp,
+cudaError_t launch_cross_entropy_stats(DType dt, const void* logits, const int64_t* target, float* row_max, float* row_sumexp,
                             float* row_target, int64_t N, int64_t V, int64_t vocab_start, bool vec_ok,
                             cudaStream_t stream);
 // backward, in place allowed (grad_logits may equal logits):
 //   (exp(x - row_max[r]) * inv_sumexp[r] - [j == t]) * grad[r]   with the global (all-shard) max and sum-exp:
 // the softmax as exp(x - max) / sum, not exp(x - lse), whose rounded lse would cost ~1e-6 relative in fp32
-cudaError_t launch_ce_bwd(DType dt, const void* logits, const int64_t* target, const float* row_max,
+cudaError_t launch_cross_entropy_backward(DType dt, const void* logits, const int64_t* target, const float* row_max,
                           const float* inv_sumexp, const float* grad, void* grad_logits, int64_t N, int64_t V,
                           int64_t vocab_start, bool vec_ok, cudaStream_t stream);
 

@@ -104,53 +104,53 @@ at::Tensor permute(const at::Tensor& x, const at::Tensor& slot_to_row, int64_t t
   return out;
 }
 
-at::Tensor combine(const at::Tensor& y, const at::Tensor& slot_to_row, const std::optional<at::Tensor>& probs,
+at::Tensor unpermute(const at::Tensor& y, const at::Tensor& slot_to_row, const std::optional<at::Tensor>& probs,
                    int64_t top_k) {
-  check_cuda(y, "combine", "y");
-  TORCH_CHECK(y.dim() == 2, "engmoe::combine: y must be [rows, H]");
-  TORCH_CHECK(top_k >= 1, "engmoe::combine: top_k must be >= 1");
+  check_cuda(y, "unpermute", "y");
+  TORCH_CHECK(y.dim() == 2, "engmoe::unpermute: y must be [rows, H]");
+  TORCH_CHECK(top_k >= 1, "engmoe::unpermute: top_k must be >= 1");
   c10::cuda::CUDAGuard guard(y.device());
   const auto yc = y.contiguous();
-  const auto s2r = index_tensor(slot_to_row, "combine", "slot_to_row");
-  TORCH_CHECK(s2r.numel() % top_k == 0, "engmoe::combine: slot_to_row size is not a multiple of top_k");
+  const auto s2r = index_tensor(slot_to_row, "unpermute", "slot_to_row");
+  TORCH_CHECK(s2r.numel() % top_k == 0, "engmoe::unpermute: slot_to_row size is not a multiple of top_k");
   const int64_t T = s2r.numel() / top_k, H = yc.size(1);
-  const auto p = probs_f32(probs, T * top_k, "combine");
+  const auto p = probs_f32(probs, T * top_k, "unpermute");
   auto out = at::empty({T, H}, yc.options());
   const bool v = vec_ok(H, yc.element_size(), {yc, out});
-  check_launch(launch_combine(to_dtype(yc, "combine"), yc.data_ptr(), s2r.data_ptr<int64_t>(), fptr(p), out.data_ptr(),
+  check_launch(launch_unpermute(to_dtype(yc, "unpermute"), yc.data_ptr(), s2r.data_ptr<int64_t>(), fptr(p), out.data_ptr(),
                               T, static_cast<int>(top_k), H, v, c10::cuda::getCurrentCUDAStream()),
-               "combine");
+               "unpermute");
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_bwd(const at::Tensor& grad_out, const at::Tensor& slot_to_row,
+std::tuple<at::Tensor, at::Tensor> unpermute_bwd(const at::Tensor& grad_out, const at::Tensor& slot_to_row,
                                                const std::optional<at::Tensor>& probs,
                                                const std::optional<at::Tensor>& y, int64_t top_k, int64_t num_rows) {
-  check_cuda(grad_out, "combine_bwd", "grad_out");
-  TORCH_CHECK(grad_out.dim() == 2, "engmoe::combine_bwd: grad_out must be [T, H]");
+  check_cuda(grad_out, "unpermute_bwd", "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2, "engmoe::unpermute_bwd: grad_out must be [T, H]");
   c10::cuda::CUDAGuard guard(grad_out.device());
   const auto g = grad_out.contiguous();
-  const auto s2r = index_tensor(slot_to_row, "combine_bwd", "slot_to_row");
+  const auto s2r = index_tensor(slot_to_row, "unpermute_bwd", "slot_to_row");
   const int64_t T = g.size(0), H = g.size(1);
-  TORCH_CHECK(s2r.numel() == T * top_k, "engmoe::combine_bwd: slot_to_row size mismatch");
-  const auto p = probs_f32(probs, T * top_k, "combine_bwd");
+  TORCH_CHECK(s2r.numel() == T * top_k, "engmoe::unpermute_bwd: slot_to_row size mismatch");
+  const auto p = probs_f32(probs, T * top_k, "unpermute_bwd");
   const bool need_dot = p.has_value() && y.has_value() && y->defined();
   at::Tensor yc;
   if (need_dot) {
-    check_cuda(*y, "combine_bwd", "y");
-    TORCH_CHECK(y->scalar_type() == g.scalar_type(), "engmoe::combine_bwd: y and grad_out dtypes differ");
+    check_cuda(*y, "unpermute_bwd", "y");
+    TORCH_CHECK(y->scalar_type() == g.scalar_type(), "engmoe::unpermute_bwd: y and grad_out dtypes differ");
     yc = y->contiguous();
-    TORCH_CHECK(yc.dim() == 2 && yc.size(1) == H && yc.size(0) == num_rows, "engmoe::combine_bwd: y shape mismatch");
+    TORCH_CHECK(yc.dim() == 2 && yc.size(1) == H && yc.size(0) == num_rows, "engmoe::unpermute_bwd: y shape mismatch");
   }
   // rows that no slot points at (num_rows > T*k, or dropped slots) must still be defined: zero them
   auto grad_y = num_rows == T * top_k ? at::empty({num_rows, H}, g.options()) : at::zeros({num_rows, H}, g.options());
   auto grad_p = need_dot ? at::empty({T, top_k}, g.options().dtype(at::kFloat)) : at::empty({0}, g.options().dtype(at::kFloat));
   const bool v = vec_ok(H, g.element_size(), {g, grad_y, yc});
-  check_launch(launch_combine_bwd(to_dtype(g, "combine_bwd"), g.data_ptr(), need_dot ? yc.data_ptr() : nullptr,
+  check_launch(launch_unpermute_bwd(to_dtype(g, "unpermute_bwd"), g.data_ptr(), need_dot ? yc.data_ptr() : nullptr,
                                   s2r.data_ptr<int64_t>(), fptr(p), grad_y.data_ptr(),
                                   need_dot ? grad_p.data_ptr<float>() : nullptr, T, static_cast<int>(top_k), H, v,
                                   c10::cuda::getCurrentCUDAStream()),
-               "combine_bwd");
+               "unpermute_bwd");
   if (need_dot && probs->scalar_type() != at::kFloat) grad_p = grad_p.to(probs->scalar_type());
   if (need_dot) grad_p = grad_p.view(probs->sizes());
   return {grad_y, grad_p};
@@ -195,83 +195,83 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const 
   return {grad_h, grad_s};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_t k, bool renorm) {
-  check_cuda(logits, "topk_softmax", "logits");
-  TORCH_CHECK(logits.dim() == 2, "engmoe::topk_softmax: logits must be [T, E]");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, int64_t k, bool renorm) {
+  check_cuda(logits, "router_topk", "logits");
+  TORCH_CHECK(logits.dim() == 2, "engmoe::router_topk: logits must be [T, E]");
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= kMaxRouterExperts, "engmoe::topk_softmax: E must be in [1, ", kMaxRouterExperts, "]");
-  TORCH_CHECK(k >= 1 && k <= E, "engmoe::topk_softmax: k must be in [1, E]");
+  TORCH_CHECK(E >= 1 && E <= kMaxRouterExperts, "engmoe::router_topk: E must be in [1, ", kMaxRouterExperts, "]");
+  TORCH_CHECK(k >= 1 && k <= E, "engmoe::router_topk: k must be in [1, E]");
   c10::cuda::CUDAGuard guard(logits.device());
   const auto l = logits.to(at::kFloat).contiguous();
   auto probs = at::empty({T, E}, l.options());
   auto tp = at::empty({T, k}, l.options());
   auto ti = at::empty({T, k}, l.options().dtype(at::kLong));
-  check_launch(launch_topk_softmax(l.data_ptr<float>(), probs.data_ptr<float>(), tp.data_ptr<float>(),
+  check_launch(launch_router_topk(l.data_ptr<float>(), probs.data_ptr<float>(), tp.data_ptr<float>(),
                                    ti.data_ptr<int64_t>(), T, static_cast<int>(E), static_cast<int>(k), renorm,
                                    c10::cuda::getCurrentCUDAStream()),
-               "topk_softmax");
+               "router_topk");
   return {probs, tp, ti};
 }
 
-at::Tensor topk_softmax_bwd(const std::optional<at::Tensor>& grad_probs, const std::optional<at::Tensor>& grad_topk,
+at::Tensor router_topk_bwd(const std::optional<at::Tensor>& grad_probs, const std::optional<at::Tensor>& grad_topk,
                             const at::Tensor& probs, const at::Tensor& topk_probs, const at::Tensor& topk_idx,
                             bool renorm) {
-  check_cuda(probs, "topk_softmax_bwd", "probs");
+  check_cuda(probs, "router_topk_bwd", "probs");
   c10::cuda::CUDAGuard guard(probs.device());
   const int64_t T = probs.size(0), E = probs.size(1), k = topk_idx.size(1);
   const auto P = probs.to(at::kFloat).contiguous();
   const auto tp = topk_probs.to(at::kFloat).contiguous();
-  const auto ti = index_tensor(topk_idx, "topk_softmax_bwd", "topk_idx");
+  const auto ti = index_tensor(topk_idx, "router_topk_bwd", "topk_idx");
   std::optional<at::Tensor> gp, gt;
   if (grad_probs.has_value() && grad_probs->defined()) gp = grad_probs->to(at::kFloat).contiguous();
   if (grad_topk.has_value() && grad_topk->defined()) gt = grad_topk->to(at::kFloat).contiguous();
   auto gl = at::empty({T, E}, P.options());
-  check_launch(launch_topk_softmax_bwd(fptr(gp), fptr(gt), P.data_ptr<float>(), tp.data_ptr<float>(),
+  check_launch(launch_router_topk_bwd(fptr(gp), fptr(gt), P.data_ptr<float>(), tp.data_ptr<float>(),
                                        ti.data_ptr<int64_t>(), gl.data_ptr<float>(), T, static_cast<int>(E),
                                        static_cast<int>(k), renorm, c10::cuda::getCurrentCUDAStream()),
-               "topk_softmax_bwd");
+               "router_topk_bwd");
   return gl;
 }
 
 // cross-entropy on [N, V] logits (a vocab-parallel shard starting at vocab_start); returns fp32 row stats
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_stats(const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_stats(const at::Tensor& logits, const at::Tensor& target,
                                                         int64_t vocab_start) {
-  check_cuda(logits, "ce_stats", "logits");
-  TORCH_CHECK(logits.dim() == 2, "engmoe::ce_stats: logits must be [N, V]");
-  TORCH_CHECK(logits.is_contiguous(), "engmoe::ce_stats: logits must be contiguous");
+  check_cuda(logits, "cross_entropy_stats", "logits");
+  TORCH_CHECK(logits.dim() == 2, "engmoe::cross_entropy_stats: logits must be [N, V]");
+  TORCH_CHECK(logits.is_contiguous(), "engmoe::cross_entropy_stats: logits must be contiguous");
   c10::cuda::CUDAGuard guard(logits.device());
-  const auto t = index_tensor(target, "ce_stats", "target");
+  const auto t = index_tensor(target, "cross_entropy_stats", "target");
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(t.numel() == N, "engmoe::ce_stats: target has ", t.numel(), " entries, expected ", N);
+  TORCH_CHECK(t.numel() == N, "engmoe::cross_entropy_stats: target has ", t.numel(), " entries, expected ", N);
   const auto fopts = logits.options().dtype(at::kFloat);
   auto row_max = at::empty({N}, fopts), row_sumexp = at::empty({N}, fopts), row_target = at::empty({N}, fopts);
   const bool v = vec_ok(V, logits.element_size(), {logits});
-  check_launch(launch_ce_stats(to_dtype(logits, "ce_stats"), logits.data_ptr(), t.data_ptr<int64_t>(),
+  check_launch(launch_cross_entropy_stats(to_dtype(logits, "cross_entropy_stats"), logits.data_ptr(), t.data_ptr<int64_t>(),
                                row_max.data_ptr<float>(), row_sumexp.data_ptr<float>(), row_target.data_ptr<float>(),
                                N, V, vocab_start, v, c10::cuda::getCurrentCUDAStream()),
-               "ce_stats");
+               "cross_entropy_stats");
   return {row_max, row_sumexp, row_target};
 }
 
 // in place: logits <- (softmax(logits) - onehot(target)) * grad, softmax = exp(x - row_max) / sumexp with the
 // global (all vocabulary shards) row max and sum-exp
-void ce_bwd_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row_max, const at::Tensor& sumexp,
+void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row_max, const at::Tensor& sumexp,
              const at::Tensor& grad, int64_t vocab_start) {
-  check_cuda(logits, "ce_bwd_", "logits");
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "engmoe::ce_bwd_: logits must be contiguous [N, V]");
+  check_cuda(logits, "cross_entropy_backward_", "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "engmoe::cross_entropy_backward_: logits must be contiguous [N, V]");
   c10::cuda::CUDAGuard guard(logits.device());
-  const auto t = index_tensor(target, "ce_bwd_", "target");
+  const auto t = index_tensor(target, "cross_entropy_backward_", "target");
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto m = row_max.to(at::kFloat).contiguous();
   const auto inv = sumexp.to(at::kFloat).reciprocal().contiguous();
   const auto g = grad.to(at::kFloat).contiguous();
   TORCH_CHECK(t.numel() == N && m.numel() == N && inv.numel() == N && g.numel() == N,
-              "engmoe::ce_bwd_: target/row_max/sumexp/grad need ", N, " entries");
+              "engmoe::cross_entropy_backward_: target/row_max/sumexp/grad need ", N, " entries");
   const bool v = vec_ok(V, logits.element_size(), {logits});
-  check_launch(launch_ce_bwd(to_dtype(logits, "ce_bwd_"), logits.data_ptr(), t.data_ptr<int64_t>(),
+  check_launch(launch_cross_entropy_backward(to_dtype(logits, "cross_entropy_backward_"), logits.data_ptr(), t.data_ptr<int64_t>(),
                              m.data_ptr<float>(), inv.data_ptr<float>(), g.data_ptr<float>(), logits.data_ptr(), N, V,
                              vocab_start, v, c10::cuda::getCurrentCUDAStream()),
-               "ce_bwd_");
+               "cross_entropy_backward_");
 }
 
 }  // namespace
@@ -280,27 +280,27 @@ void ce_bwd_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row
 TORCH_LIBRARY(engmoe, m) {
   m.def("routing_maps(Tensor topk_idx, int num_experts) -> (Tensor, Tensor, Tensor)");
   m.def("permute(Tensor x, Tensor slot_to_row, int top_k, int num_rows) -> Tensor");
-  m.def("combine(Tensor y, Tensor slot_to_row, Tensor? probs, int top_k) -> Tensor");
-  m.def("combine_bwd(Tensor grad_out, Tensor slot_to_row, Tensor? probs, Tensor? y, int top_k, int num_rows) -> (Tensor, Tensor)");
+  m.def("unpermute(Tensor y, Tensor slot_to_row, Tensor? probs, int top_k) -> Tensor");
+  m.def("unpermute_bwd(Tensor grad_out, Tensor slot_to_row, Tensor? probs, Tensor? y, int top_k, int num_rows) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor h, Tensor? row_scale) -> Tensor");
   m.def("swiglu_bwd(Tensor grad_out, Tensor h, Tensor? row_scale, bool need_grad_scale) -> (Tensor, Tensor)");
-  m.def("topk_softmax(Tensor logits, int k, bool renorm) -> (Tensor, Tensor, Tensor)");
-  m.def("topk_softmax_bwd(Tensor? grad_probs, Tensor? grad_topk, Tensor probs, Tensor topk_probs, Tensor topk_idx, bool renorm) -> Tensor");
-  m.def("ce_stats(Tensor logits, Tensor target, int vocab_start) -> (Tensor, Tensor, Tensor)");
-  m.def("ce_bwd_(Tensor(a!) logits, Tensor target, Tensor row_max, Tensor sumexp, Tensor grad, int vocab_start) -> ()");
+  m.def("router_topk(Tensor logits, int k, bool renorm) -> (Tensor, Tensor, Tensor)");
+  m.def("router_topk_bwd(Tensor? grad_probs, Tensor? grad_topk, Tensor probs, Tensor topk_probs, Tensor topk_idx, bool renorm) -> Tensor");
+  m.def("cross_entropy_stats(Tensor logits, Tensor target, int vocab_start) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor row_max, Tensor sumexp, Tensor grad, int vocab_start) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(engmoe, CUDA, m) {
   m.impl("routing_maps", &engmoe::routing_maps);
   m.impl("permute", &engmoe::permute);
-  m.impl("combine", &engmoe::combine);
-  m.impl("combine_bwd", &engmoe::combine_bwd);
+  m.impl("unpermute", &engmoe::unpermute);
+  m.impl("unpermute_bwd", &engmoe::unpermute_bwd);
   m.impl("swiglu", &engmoe::swiglu);
   m.impl("swiglu_bwd", &engmoe::swiglu_bwd);
-  m.impl("topk_softmax", &engmoe::topk_softmax);
-  m.impl("topk_softmax_bwd", &engmoe::topk_softmax_bwd);
-  m.impl("ce_stats", &engmoe::ce_stats);
-  m.impl("ce_bwd_", &engmoe::ce_bwd_);
+  m.impl("router_topk", &engmoe::router_topk);
+  m.impl("router_topk_bwd", &engmoe::router_topk_bwd);
+  m.impl("cross_entropy_stats", &engmoe::cross_entropy_stats);
+  m.impl("cross_entropy_backward_", &engmoe::cross_entropy_backward_);
 }
 
 // `import engmoe._C` loads this library (and so runs the registrations above); the module itself is empty.

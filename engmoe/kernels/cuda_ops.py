@@ -120,11 +120,11 @@ def _register_python_side() -> None:
     def _(x, slot_to_row, top_k, num_rows):
         return x.new_empty(num_rows, x.shape[1])
 
-    @torch.library.register_fake(lib + "combine")
+    @torch.library.register_fake(lib + "unpermute")
     def _(y, slot_to_row, probs, top_k):
         return y.new_empty(slot_to_row.numel() // top_k, y.shape[1])
 
-    @torch.library.register_fake(lib + "combine_bwd")
+    @torch.library.register_fake(lib + "unpermute_bwd")
     def _(grad_out, slot_to_row, probs, y, top_k, num_rows):
         gy = grad_out.new_empty(num_rows, grad_out.shape[1])
         if probs is not None and y is not None:
@@ -142,22 +142,22 @@ def _register_python_side() -> None:
             return gh, row_scale.new_empty(row_scale.shape)
         return gh, h.new_empty(0, dtype=torch.float32)
 
-    @torch.library.register_fake(lib + "topk_softmax")
+    @torch.library.register_fake(lib + "router_topk")
     def _(logits, k, renorm):
         T, E = logits.shape
         return (logits.new_empty(T, E, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.float32),
                 logits.new_empty(T, k, dtype=torch.long))
 
-    @torch.library.register_fake(lib + "topk_softmax_bwd")
+    @torch.library.register_fake(lib + "router_topk_bwd")
     def _(grad_probs, grad_topk, probs, topk_probs, topk_idx, renorm):
         return probs.new_empty(probs.shape, dtype=torch.float32)
 
-    @torch.library.register_fake(lib + "ce_stats")
+    @torch.library.register_fake(lib + "cross_entropy_stats")
     def _(logits, target, vocab_start):
         n = logits.shape[0]
         return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
 
-    @torch.library.register_fake(lib + "ce_bwd_")
+    @torch.library.register_fake(lib + "cross_entropy_backward_")
     def _(logits, target, row_max, sumexp, grad, vocab_start):
         return None
 
@@ -175,22 +175,22 @@ def _register_python_side() -> None:
     def permute_backward(ctx, grad):
         (slot_to_row,) = ctx.saved_tensors
         # the transpose of a scatter-copy is a gather-sum: each token sums its k row gradients
-        return torch.ops.engmoe.combine(grad, slot_to_row, None, ctx.top_k), None, None, None
+        return torch.ops.engmoe.unpermute(grad, slot_to_row, None, ctx.top_k), None, None, None
 
     torch.library.register_autograd(lib + "permute", permute_backward, setup_context=permute_setup)
 
-    def combine_setup(ctx, inputs, output):
+    def unpermute_setup(ctx, inputs, output):
         y, slot_to_row, probs, top_k = inputs
         need_p = probs is not None and probs.requires_grad
         ctx.save_for_backward(slot_to_row, probs, y if need_p else None)
         ctx.top_k, ctx.num_rows, ctx.need_p = top_k, y.shape[0], need_p
 
-    def combine_backward(ctx, grad):
+    def unpermute_backward(ctx, grad):
         slot_to_row, probs, y = ctx.saved_tensors
-        gy, gp = torch.ops.engmoe.combine_bwd(grad, slot_to_row, probs, y, ctx.top_k, ctx.num_rows)
+        gy, gp = torch.ops.engmoe.unpermute_bwd(grad, slot_to_row, probs, y, ctx.top_k, ctx.num_rows)
         return gy, None, (gp if ctx.need_p else None), None
 
-    torch.library.register_autograd(lib + "combine", combine_backward, setup_context=combine_setup)
+    torch.library.register_autograd(lib + "unpermute", unpermute_backward, setup_context=unpermute_setup)
 
     def swiglu_setup(ctx, inputs, output):
         h, row_scale = inputs
@@ -212,10 +212,10 @@ def _register_python_side() -> None:
 
     def topk_backward(ctx, grad_probs, grad_topk, grad_idx):
         probs, topk_probs, topk_idx = ctx.saved_tensors
-        gl = torch.ops.engmoe.topk_softmax_bwd(grad_probs, grad_topk, probs, topk_probs, topk_idx, ctx.renorm)
+        gl = torch.ops.engmoe.router_topk_bwd(grad_probs, grad_topk, probs, topk_probs, topk_idx, ctx.renorm)
         return gl.to(ctx.logits_dtype), None, None
 
-    torch.library.register_autograd(lib + "topk_softmax", topk_backward, setup_context=topk_setup)
+    torch.library.register_autograd(lib + "router_topk", topk_backward, setup_context=topk_setup)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def unpermute(y: torch.Tensor, slot_to_row: torch.Tensor, topk_probs: torch.Tens
         if k is None:
             raise ValueError("unpermute: top_k is required when topk_probs is None")
         probs = topk_probs.reshape(-1, k) if topk_probs is not None else None
-        return torch.ops.engmoe.combine(y, slot_to_row, probs, k)
+        return torch.ops.engmoe.unpermute(y, slot_to_row, probs, k)
     return reference.unpermute(y, slot_to_row, topk_probs, top_k)
 
 
@@ -261,7 +261,7 @@ def router_topk(logits: torch.Tensor, top_k: int, normalize: bool, bias: torch.T
     With an expert ``bias`` (aux-loss-free balancing: it moves the choice, not the weights) the reference
     ops run instead: the fused kernel has no bias input."""
     if bias is None and _fast(logits) and logits.dim() == 2 and logits.shape[-1] <= MAX_ROUTER_EXPERTS:
-        return torch.ops.engmoe.topk_softmax(logits, top_k, normalize)
+        return torch.ops.engmoe.router_topk(logits, top_k, normalize)
     return reference.router_topk(logits, top_k, normalize, bias)
 
 
@@ -315,7 +315,7 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start:
     """Per-row ``(max, sum exp(x - max), x[target])`` of ``[N, V]`` logits in fp32 (see
     ``reference.cross_entropy_stats``)."""
     if _fast(logits) and logits.is_contiguous():
-        return torch.ops.engmoe.ce_stats(logits, target, vocab_start)
+        return torch.ops.engmoe.cross_entropy_stats(logits, target, vocab_start)
     return reference.cross_entropy_stats(logits, target, vocab_start)
 
 
@@ -324,6 +324,6 @@ def cross_entropy_backward_(logits: torch.Tensor, target: torch.Tensor, row_max:
     """``logits`` overwritten with ``(softmax(logits) - onehot(target)) * grad`` (softmax from the global row
     max and sum-exp) and returned."""
     if _fast(logits) and logits.is_contiguous():
-        torch.ops.engmoe.ce_bwd_(logits, target, row_max, sumexp, grad, vocab_start)
+        torch.ops.engmoe.cross_entropy_backward_(logits, target, row_max, sumexp, grad, vocab_start)
         return logits
     return reference.cross_entropy_backward_(logits, target, row_max, sumexp, grad, vocab_start)

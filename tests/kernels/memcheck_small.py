@@ -39,8 +39,8 @@ def main(routing_only: bool = False) -> None:
             # dropped slots through permute/combine
             _, s2r_d, _ = ops.routing_maps(idx_drop, E)
             y = ops.permute(x.detach(), s2r_d, k, T * k)
-            ops.combine(y, s2r_d, probs.detach(), k)
-            ops.combine_bwd(torch.randn(T, H, device="cuda", dtype=dtype), s2r_d, probs.detach(), y, k, T * k)
+            ops.unpermute(y, s2r_d, probs.detach(), k)
+            ops.unpermute_bwd(torch.randn(T, H, device="cuda", dtype=dtype), s2r_d, probs.detach(), y, k, T * k)
         logits = torch.randn(T, E, device="cuda", requires_grad=True)
         p, tp, ti = cuda_ops.router_topk(logits, k, True)
         (p.sum() + tp.pow(2).sum()).backward()

@@ -274,17 +274,17 @@ def test_opcheck_custom_ops():
     ops = torch.ops.engmoe
     opcheck(ops.routing_maps.default, (topk_idx, E))
     opcheck(ops.permute.default, (x, s2r, k, T * k))
-    opcheck(ops.combine.default, (y, s2r, probs.clone().requires_grad_(True), k))
-    opcheck(ops.combine.default, (y, s2r, None, k))
-    opcheck(ops.combine_bwd.default, (torch.randn(T, H, device="cuda", dtype=torch.bfloat16), s2r, probs, y.detach(), k, T * k))
+    opcheck(ops.unpermute.default, (y, s2r, probs.clone().requires_grad_(True), k))
+    opcheck(ops.unpermute.default, (y, s2r, None, k))
+    opcheck(ops.unpermute_bwd.default, (torch.randn(T, H, device="cuda", dtype=torch.bfloat16), s2r, probs, y.detach(), k, T * k))
     opcheck(ops.swiglu.default, (h, s))
     opcheck(ops.swiglu.default, (h, None))
     opcheck(ops.swiglu_bwd.default, (torch.randn(T * k, 8, device="cuda"), h.detach(), s.detach(), True))
-    opcheck(ops.topk_softmax.default, (logits, k, True))
+    opcheck(ops.router_topk.default, (logits, k, True))
     ce_logits = torch.randn(T, 40, device="cuda", dtype=torch.bfloat16)
     ce_target = torch.randint(0, 40, (T,), device="cuda")
-    opcheck(ops.ce_stats.default, (ce_logits, ce_target, 0))
-    opcheck(ops.ce_bwd_.default, (ce_logits.clone(), ce_target, torch.randn(T, device="cuda"),
+    opcheck(ops.cross_entropy_stats.default, (ce_logits, ce_target, 0))
+    opcheck(ops.cross_entropy_backward_.default, (ce_logits.clone(), ce_target, torch.randn(T, device="cuda"),
                                   torch.rand(T, device="cuda") + 1, torch.randn(T, device="cuda"), 0))
 
 
@@ -297,7 +297,7 @@ def test_torch_compile_fullgraph():
         xp = torch.ops.engmoe.permute(x, s2r, k, T * k)
         h = xp @ w
         a = torch.ops.engmoe.swiglu(h, probs.reshape(-1)[ss])
-        return torch.ops.engmoe.combine(a, s2r, None, k)
+        return torch.ops.engmoe.unpermute(a, s2r, None, k)
 
     topk_idx, probs = _routing(T, E, k, (1,))
     x = torch.randn(T, H, device="cuda", requires_grad=True)
