@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from engmoe.config import OptimizerConfig, StageConfig
+from engmoe.config import ConfigError, OptimizerConfig, StageConfig
 
 
 def lr_at(step: int, opt: OptimizerConfig, train_steps: int) -> float:
@@ -43,3 +43,16 @@ def microbatches(global_batch: int, micro_batch: int, dp: int) -> int:
         raise ValueError(f"stage.global_batch={global_batch} is not a multiple of stage.micro_batch × data-parallel "
                          f"size = {micro_batch} × {dp} = {per_step}")
     return global_batch // per_step
+
+
+def check_batch_schedule(stage: StageConfig, micro_batch: int, dp: int) -> None:
+    """At start-up: every global batch the stage will use (``stage.global_batch`` unless the ramp starts at
+    step 0, and every ``stage.batch_ramp`` entry) must be a multiple of ``micro_batch × dp`` — a bad ramp
+    entry would otherwise fail only when its step arrives, hours into the run."""
+    per_step = micro_batch * dp
+    why = f"a multiple of stage.micro_batch × data-parallel size = {micro_batch} × {dp} = {per_step}"
+    if not any(start == 0 for start, _ in stage.batch_ramp) and stage.global_batch % per_step != 0:
+        raise ConfigError(f"stage.global_batch: {stage.global_batch} is not {why}")
+    for i, (start, size) in enumerate(stage.batch_ramp):
+        if size % per_step != 0:
+            raise ConfigError(f"stage.batch_ramp[{i}]: global batch {size} (from step {start}) is not {why}")

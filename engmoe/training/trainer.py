@@ -47,7 +47,7 @@ from engmoe.training.metrics import (
     mfu,
 )
 from engmoe.training.optimizer import build_optimizer
-from engmoe.training.schedules import global_batch_at, lr_at, microbatches
+from engmoe.training.schedules import check_batch_schedule, global_batch_at, lr_at, microbatches
 
 
 class TrainingStopped(RuntimeError):
@@ -76,6 +76,7 @@ class Trainer:
         # the resume / init_from path is checked before anything is built or created (one-line error)
         self._start = self._find_start(resume)
         self.env = initialize_parallel(cfg.parallel, cfg.model.num_layers)
+        check_batch_schedule(cfg.stage, cfg.stage.micro_batch, self.env.dp)
         torch.manual_seed(cfg.stage.seed)
         self.device = self.env.device
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)

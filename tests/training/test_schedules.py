@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from engmoe.config import OptimizerConfig, StageConfig, load_config
-from engmoe.training.schedules import global_batch_at, lr_at, microbatches
+from engmoe.config import ConfigError, OptimizerConfig, StageConfig, load_config
+from engmoe.training.schedules import check_batch_schedule, global_batch_at, lr_at, microbatches
 
 
 def test_warmup_then_cosine_to_floor():
@@ -63,3 +63,27 @@ def test_stages_chain_from_previous_checkpoint():
     assert load_config(stage="2").stage.init_from == "runs/stage1"
     assert load_config(stage="3").stage.init_from == "runs/stage2"
     assert load_config(stage="long-context").stage.init_from == "runs/stage3"
+
+
+def test_every_batch_ramp_entry_is_checked_at_start_up():
+    stage = StageConfig(global_batch=64, micro_batch=2, batch_ramp=[[0, 16], [100, 40], [200, 64]])
+    check_batch_schedule(stage, 2, 4)  # 16, 40, 64 are multiples of 2 × 4 = 8
+    with pytest.raises(ConfigError, match=r"^stage\.batch_ramp\[1\]: global batch 40 \(from step 100\) is not a "
+                                          r"multiple of stage\.micro_batch × data-parallel size = 2 × 8 = 16$"):
+        check_batch_schedule(stage, 2, 8)
+    # global_batch counts only when the ramp does not start at step 0
+    check_batch_schedule(StageConfig(global_batch=12, batch_ramp=[[0, 16]]), 2, 4)
+    with pytest.raises(ConfigError, match=r"^stage\.global_batch: 12 is not a multiple"):
+        check_batch_schedule(StageConfig(global_batch=12, batch_ramp=[[5, 16]]), 2, 4)
+
+
+def test_trainer_refuses_a_bad_ramp_before_the_first_step(single_rank, tmp_path):
+    from engmoe.training.trainer import Trainer
+
+    cfg = load_config(model="tiny", stage="1", overrides=[
+        "model.num_layers=1", "model.moe.kernel_backend=reference", "data.mock=true", "data.seq_len=16",
+        "parallel.pipeline=1", "parallel.expert=1", "parallel.context=1", "parallel.tensor=1",
+        "stage.global_batch=4", "stage.batch_ramp=[[0, 4], [50, 6]]", "stage.micro_batch=4",
+        "stage.train_steps=100", "stage.tensorboard=false", f"stage.save_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"stage\.batch_ramp\[1\]: global batch 6 \(from step 50\)"):
+        Trainer(cfg, log=lambda *a, **k: None)
