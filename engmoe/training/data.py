@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from engmoe.config import Config, ConfigError
+from engmoe.data.mock import MockDataset
 
 DEMO_DIR = Path("data/demo")
 
@@ -46,22 +47,6 @@ def rank_microbatches(dataset, consumed: int, global_batch: int, micro_batch: in
         idx = [(start + m * micro_batch + i) % n for i in range(micro_batch)]
         batches.append(_collate([dataset[i] for i in idx]))
     return batches
-
-
-class MockDataset:
-    """Deterministic random token sequences (sample i is a pure function of (seed, i))."""
-
-    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int):
-        self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        text = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
-        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.seq_len),
-                "position_ids": torch.arange(self.seq_len)}
 
 
 def samples_needed(cfg: Config) -> int:
