@@ -206,7 +206,7 @@ def resolve_blend(blend: Blend, data_root: Optional[str | Path], strict: bool = 
     listing every missing path, or the first bad shard's ShardError (training); otherwise record them in
     ``missing`` (the check command reports them all).
     """
-    from engmoe.data_prep.manifest import load_manifest  # manifests are written by the tokenization job
+    from engmoe.data.manifest import load_manifest  # manifests are written by the tokenization job
 
     base = Path(data_root) if data_root is not None else None
     active = [e for e in blend.entries if e.weight > 0]

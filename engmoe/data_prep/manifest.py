@@ -1,4 +1,5 @@
-"""The manifest a tokenization job leaves next to its shards, and the per-rank records it is built from.
+"""Writing the manifest a tokenization job leaves next to its shards (format and reader:
+``engmoe.data.manifest``), and the per-rank records it is built from.
 
 Each datatrove task writes ``<name>_<rank>.json`` (documents, tokens, its shard prefix or null when the
 rank had no documents) atomically after its shard is complete; the manifest step gathers those once every
@@ -12,14 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from engmoe.io import read_document
-
-MANIFEST_FORMAT = "engmoe-manifest/1"
-MANIFEST_NAME = "manifest.json"
-
-
-class ManifestError(ValueError):
-    """A manifest or rank record is missing or malformed; the message names the file and field."""
+from engmoe.data.manifest import MANIFEST_FORMAT, ManifestError
 
 
 def rank_record_path(output_dir: str | Path, shard_name: str, rank: int) -> Path:
@@ -59,19 +53,3 @@ def build_manifest(output_dir: str | Path, shard_name: str, tasks: int, *, name:
     if extra:
         manifest.update(extra)
     return manifest
-
-
-def load_manifest(path: str | Path) -> dict:
-    """Read and validate a manifest; errors name the file and the field."""
-    path = Path(path)
-    data = read_document(path, ManifestError, "manifest not found (run `engmoe-data tokenize` to create it)")
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path}: format: expected {MANIFEST_FORMAT!r}, got "
-                            f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r}")
-    for key, kind in (("shards", list), ("documents", int), ("tokens", int), ("tokenizer", dict)):
-        if not isinstance(data.get(key), kind):
-            raise ManifestError(f"{path}: {key}: expected {kind.__name__}, got {data.get(key)!r}")
-    for i, shard in enumerate(data["shards"]):
-        if not isinstance(shard, dict) or not {"prefix", "documents", "tokens"} <= set(shard):
-            raise ManifestError(f"{path}: shards[{i}]: expected prefix, documents, tokens; got {shard!r}")
-    return data

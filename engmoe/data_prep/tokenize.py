@@ -24,7 +24,8 @@ from typing import Optional
 
 from datatrove.pipeline.base import PipelineStep
 
-from engmoe.data_prep.manifest import MANIFEST_NAME, build_manifest, rank_record_path, shard_prefix
+from engmoe.data.manifest import MANIFEST_NAME
+from engmoe.data_prep.manifest import build_manifest, rank_record_path, shard_prefix
 from engmoe.io import write_json_atomic
 
 log = logging.getLogger(__name__)

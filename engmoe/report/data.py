@@ -46,7 +46,7 @@ class StageData:
 
 def collect_stage(blend_path: str | Path, data_root: Optional[str | Path], budget: Optional[float] = None) -> StageData:
     from engmoe.data.blend import load_blend, resolve_blend
-    from engmoe.data_prep.manifest import load_manifest
+    from engmoe.data.manifest import load_manifest
 
     blend = load_blend(blend_path)
     resolved = resolve_blend(blend, data_root, strict=False)

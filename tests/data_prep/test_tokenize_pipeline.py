@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engmoe.data_prep.manifest import load_manifest
+from engmoe.data.manifest import load_manifest
 from engmoe.data_prep.readers import DataError
 from engmoe.data_prep.tokenize import TokenizeJob, build_pipelines, make_executors, run_job
 
