@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from engmoe.data.chat import ChatFormatError, ChatRenderer, RenderedChat
-from engmoe.data.packing import LONG_POLICIES, write_packed_dataset
+from engmoe.data_prep.packing import LONG_POLICIES, write_packed_dataset
 
 
 class ChatDataError(ValueError):

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from engmoe.data.chat import ChatFormatError, ChatRenderer, RenderedChat, render_chat, render_text
-from engmoe.data.packing import Packer, PackedChatDataset, PackedDataError, write_packed_dataset
+from engmoe.data.packing import PackedChatDataset, PackedDataError
+from engmoe.data_prep.packing import Packer, write_packed_dataset
 
 S, E = "<|im_start|>", "<|im_end|>"
 
