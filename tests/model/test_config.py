@@ -83,6 +83,8 @@ def test_bool_is_not_an_int():
     ("optimizer.min_lr=1.0", "optimizer.min_lr"),
     ("data.seq_len=100000", "data.seq_len"),                 # longer than model.max_seq_len
     ("model.attention_backend=cudnn9", "model.attention_backend"),
+    ("model.attention_backend=te", "model.attention_backend"),  # never wired: not accepted
+    ("data.valid_blend=held_out.yaml", "data.valid_blend"),  # needs data.blend
     ("optimizer.decay_style=exp", "optimizer.decay_style"),
     ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),  # needs tp > 1
 ])
