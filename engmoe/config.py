@@ -276,9 +276,12 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    # Blend: a packaged name (engmoe/resources/data/<name>.yaml) or a blend YAML path; None on a machine
-    # without data means the built-in demo corpus.
+    # Blend: a packaged name (engmoe/resources/data/<name>.yaml) or a blend YAML path; required unless
+    # data.mock (the launcher's demo mode points it at the built-in demo corpus).
     blend: Optional[str] = None
+    # Held-out validation blend (every document for validation, Megatron's --valid-data-path); None: the
+    # validation share of data.blend's split.
+    valid_blend: Optional[str] = None
     data_root: Optional[str] = None
     tokenizer: Optional[str] = None
     # Training sequence length; null means model.max_seq_len.
@@ -290,6 +293,7 @@ class DataConfig:
 
     def validate(self, where: str = "data") -> None:
         _check(self.seq_len is None or self.seq_len >= 2, f"{where}.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.valid_blend is None or self.blend is not None, f"{where}.valid_blend", "needs data.blend")
 
 
 @dataclass

@@ -41,6 +41,10 @@ class DemoCorpus:
     chat_train_blend: Optional[ResolvedBlend] = None
     chat_valid_blend: Optional[ResolvedBlend] = None
 
+    def blend_files(self, packed: bool) -> tuple[Path, Path]:
+        """(train, validation) blend YAMLs of the pretraining text, or of the packed chat (``packed``)."""
+        return blend_files(self.root, packed)
+
     def summary(self) -> str:
         lines = [f"demo corpus at {self.root} (tokenizer {self.tokenizer_path})"]
         for split, blend in (("train", self.train_blend), ("valid", self.valid_blend)):
@@ -119,13 +123,20 @@ def _split(records: list, every: int) -> tuple[list, list]:
     return train, valid
 
 
-def _load(root: Path) -> DemoCorpus:
-    def blend(name: str) -> ResolvedBlend:
-        return resolve_blend(load_blend(root / f"blend_{name}.yaml"), root)
+def blend_files(root: Path, packed: bool) -> tuple[Path, Path]:
+    """(train, validation) blend YAMLs of the demo corpus at ``root`` (packed chat with ``packed``)."""
+    kind = "chat_" if packed else ""
+    return root / f"blend_{kind}train.yaml", root / f"blend_{kind}valid.yaml"
 
-    return DemoCorpus(root=root, tokenizer_path=root / "tokenizer.json", train_blend=blend("train"),
-                      valid_blend=blend("valid"), chat_train_blend=blend("chat_train"),
-                      chat_valid_blend=blend("chat_valid"))
+
+def _load(root: Path) -> DemoCorpus:
+    def blend(path: Path) -> ResolvedBlend:
+        return resolve_blend(load_blend(path), root)
+
+    (train, valid), (chat_train, chat_valid) = blend_files(root, False), blend_files(root, True)
+    return DemoCorpus(root=root, tokenizer_path=root / "tokenizer.json", train_blend=blend(train),
+                      valid_blend=blend(valid), chat_train_blend=blend(chat_train),
+                      chat_valid_blend=blend(chat_valid))
 
 
 def _is_complete(root: Path) -> bool:

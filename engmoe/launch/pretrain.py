@@ -56,7 +56,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     cfg = load_config(model=args.model, stage=args.stage, files=args.config, overrides=args.set)
-    if args.demo or wants_demo(cfg, args):
+    demo = args.demo or wants_demo(cfg, args)
+    if demo:
         overlay = demo_overlay(stage_path(args.stage).name.rsplit(".", 1)[0])
         cfg = load_config(model=args.model or "tiny", stage=args.stage, files=[overlay, *args.config],
                           overrides=args.set)
@@ -66,6 +67,10 @@ def main(argv=None) -> int:
         import yaml
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    if demo:
+        from engmoe.launch.demo import use_demo_corpus
+
+        print(f"engmoe: demo data: {use_demo_corpus(cfg)}", flush=True)
     from engmoe.training.trainer import Trainer
 
     Trainer(cfg, resume=args.resume, exit_after=args.exit_after).train()

@@ -1,5 +1,6 @@
-"""What the trainer reads: datasets from a blend (or the built-in demo corpus) and the per-step slicing
-of a global batch into this data-parallel rank's micro-batches.
+"""What the trainer reads: datasets from a blend (the launcher's demo mode points ``data.blend`` at the
+built-in demo corpus: ``engmoe.launch.demo``) and the per-step slicing of a global batch into this
+data-parallel rank's micro-batches.
 
 Samples are addressed by a global index; step ``s`` consumes indices ``[consumed, consumed + global)``
 and data-parallel rank ``r`` takes the ``r``-th contiguous block of them. So the data order depends only on
@@ -9,16 +10,12 @@ global batch ramps or the layout changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from engmoe.config import Config, ConfigError
 from engmoe.data.mock import MockDataset
-
-DEMO_DIR = Path("data/demo")
-
 
 @dataclass
 class TrainData:
@@ -55,23 +52,9 @@ def samples_needed(cfg: Config) -> int:
     return sum(global_batch_at(s, cfg.stage) for s in range(cfg.stage.train_steps))
 
 
-def _rank0_first(fn):
-    """Run ``fn`` on global rank 0 first (it may build files), then on the other ranks (which load them).
-    For our own builders (the demo corpus); megatron's dataset builder does this itself."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn()
-    result = fn() if dist.get_rank() == 0 else None
-    dist.barrier()
-    if dist.get_rank() != 0:
-        result = fn()
-    return result
-
-
 def build_train_data(cfg: Config, device: torch.device) -> TrainData:
-    """Datasets for ``cfg``: mock tokens, the configured blend (text or packed chat), or the demo corpus
-    when ``data.blend`` is unset."""
+    """Datasets for ``cfg``: mock tokens or the configured blend (text or packed chat), validated on
+    ``data.valid_blend`` when set, else on the blend's validation split."""
     seq = cfg.data.seq_len
     n_train = samples_needed(cfg)
     n_valid = cfg.stage.eval_batches * cfg.stage.global_batch
@@ -79,41 +62,34 @@ def build_train_data(cfg: Config, device: torch.device) -> TrainData:
         vocab = cfg.model.vocab_size
         return TrainData(MockDataset(n_train, seq, vocab, cfg.stage.seed), MockDataset(n_valid, seq, vocab, cfg.stage.seed + 1),
                          None, "mock (random tokens)")
+    from engmoe.data.blend import load_blend, resolve_blend
     from engmoe.data.datasets import build_gpt_datasets, build_packed_datasets, megatron_cache_dir
     from engmoe.data.tokenizer import load_tokenizer
 
     if cfg.data.blend is None:
-        from engmoe.data_prep.demo import ensure_demo_corpus
-
-        demo = _rank0_first(lambda: ensure_demo_corpus(Path(cfg.data.data_root or DEMO_DIR)))
-        tokenizer = load_tokenizer(cfg.data.tokenizer or demo.tokenizer_path)
-        if cfg.data.packed:
-            train, valid, _ = build_packed_datasets(demo.chat_train_blend, seq, (n_train, n_valid),
-                                                    valid_blend=demo.chat_valid_blend)
-            desc = f"demo chat conversations (packed) at {demo.root}"
-        else:
-            # megatron's builder is distributed-aware: rank 0 writes the index caches, the others load them
-            train, valid, _ = build_gpt_datasets(demo.train_blend, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed,
-                                                 valid_blend=demo.valid_blend, cache_dir=megatron_cache_dir(demo.root))
-            desc = f"demo corpus at {demo.root}"
+        raise ConfigError("data.blend: a blend YAML is required (or data.mock=true); launch/pretrain.py's demo "
+                          "mode sets it to the built-in demo corpus")
+    if cfg.data.tokenizer is None:
+        raise ConfigError("data.tokenizer: a tokenizer JSON path is required with data.blend")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    resolved = resolve_blend(load_blend(cfg.data.blend), cfg.data.data_root)
+    _check_tokenizer_matches(resolved, tokenizer, cfg.data.blend)
+    held_out = None
+    if cfg.data.valid_blend is not None:
+        held_out = resolve_blend(load_blend(cfg.data.valid_blend), cfg.data.data_root)
+        _check_tokenizer_matches(held_out, tokenizer, cfg.data.valid_blend)
+    if cfg.data.packed:
+        train, valid, _ = build_packed_datasets(resolved, seq, (n_train, n_valid), valid_blend=held_out)
     else:
-        from engmoe.data.blend import load_blend, resolve_blend
-
-        if cfg.data.tokenizer is None:
-            raise ConfigError("data.tokenizer: a tokenizer JSON path is required with data.blend")
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        resolved = resolve_blend(load_blend(cfg.data.blend), cfg.data.data_root)
-        _check_tokenizer_matches(resolved, tokenizer, cfg.data.blend)
-        if cfg.data.packed:
-            train, valid, _ = build_packed_datasets(resolved, seq, (n_train, n_valid))
-        else:
-            cache = megatron_cache_dir(cfg.data.data_root)
-            train, valid, _ = build_gpt_datasets(resolved, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed,
-                                                 cache_dir=cache)
-        desc = f"blend {cfg.data.blend} ({resolved.tokens:,} tokens in {len(resolved.datasets)} datasets)"
+        # megatron's builder is distributed-aware: rank 0 writes the index caches, the others load them
+        train, valid, _ = build_gpt_datasets(resolved, tokenizer, seq, (n_train, n_valid, 0), cfg.stage.seed,
+                                             valid_blend=held_out, cache_dir=megatron_cache_dir(cfg.data.data_root))
+    desc = f"blend {cfg.data.blend} ({resolved.tokens:,} tokens in {len(resolved.datasets)} datasets)"
+    if held_out is not None:
+        desc += f", validation blend {cfg.data.valid_blend}"
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"vocab_size={tokenizer.vocab_size} ({cfg.data.tokenizer or 'demo tokenizer'})")
+                          f"vocab_size={tokenizer.vocab_size} ({cfg.data.tokenizer})")
     return TrainData(train, valid, tokenizer, desc)
 
 

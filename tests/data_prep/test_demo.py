@@ -35,3 +35,29 @@ def test_second_call_loads_without_rebuilding(demo_corpus):
     assert (again.root / "tokenizer.json").stat().st_mtime_ns == stamp
     assert again.train_blend.megatron_blend() == demo_corpus.train_blend.megatron_blend()
     assert not list(demo_corpus.root.parent.glob("*.building-*"))
+
+
+def test_launcher_points_the_config_at_the_demo_corpus(demo_corpus, single_rank):
+    """The launcher (not the trainer's data code) builds/loads the demo and sets data.blend/valid_blend/tokenizer;
+    training/data.py then reads it as any blend, validating on the held-out blend."""
+    import pytest
+
+    from engmoe.config import ConfigError, load_config
+    from engmoe.launch.demo import use_demo_corpus
+    from engmoe.training.data import build_train_data
+
+    overrides = [f"data.data_root={demo_corpus.root}", "data.seq_len=64", "stage.train_steps=2", "stage.global_batch=4",
+                 "stage.batch_ramp=[]", "stage.eval_batches=1"]
+    cfg = load_config(model="tiny", overrides=overrides)
+    with pytest.raises(ConfigError, match=r"^data\.blend: a blend YAML is required"):
+        build_train_data(cfg, single_rank.device)
+    assert use_demo_corpus(cfg) == f"demo corpus at {demo_corpus.root}"
+    assert (cfg.data.blend, cfg.data.valid_blend) == tuple(map(str, demo_corpus.blend_files(packed=False)))
+    assert cfg.data.tokenizer == str(demo_corpus.tokenizer_path)
+    data = build_train_data(cfg, single_rank.device)
+    assert len(data.train) >= 8 and len(data.valid) >= 4 and data.train[0]["tokens"].shape == (64,)
+    assert "validation blend" in data.description and data.tokenizer.sha256 == demo_corpus.train_blend.datasets[0].tokenizer_sha256
+
+    packed = load_config(model="tiny", overrides=[*overrides, "data.packed=true", "data.seq_len=512"])
+    assert use_demo_corpus(packed).startswith("demo chat conversations (packed)")
+    assert packed.data.blend.endswith("blend_chat_train.yaml") and packed.data.valid_blend.endswith("blend_chat_valid.yaml")

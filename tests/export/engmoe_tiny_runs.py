@@ -49,6 +49,7 @@ def save_tiny_checkpoint(save_dir: Path, overrides: Sequence[str] = (), seed: in
 
 def train_tiny_stages(root: Path, demo_root: Path, steps: Sequence[int] = (6, 4)) -> list[Path]:
     """Stages "1", "2", … of the tiny model on the demo corpus, each starting from the previous one."""
+    from engmoe.launch.demo import use_demo_corpus
     from engmoe.training.trainer import Trainer
 
     runs: list[Path] = []
@@ -61,6 +62,8 @@ def train_tiny_stages(root: Path, demo_root: Path, steps: Sequence[int] = (6, 4)
                      "optimizer.min_lr=1e-3"]
         if runs:
             overrides.append(f"stage.init_from={runs[-1]}")
-        Trainer(tiny_config(run, overrides), log=lambda *a, **k: None).train()
+        cfg = tiny_config(run, overrides)
+        use_demo_corpus(cfg)
+        Trainer(cfg, log=lambda *a, **k: None).train()
         runs.append(run)
     return runs
