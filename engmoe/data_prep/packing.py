@@ -148,7 +148,7 @@ def write_packed_dataset(docs: Iterable[RenderedChat], prefix: str | Path, seq_l
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from engmoe.data.indexed_writer import token_dtype as dtype_for_vocab
+    from engmoe.data_prep.indexed_writer import token_dtype as dtype_for_vocab
 
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ class TokenizeToMegatron(PipelineStep):
         self.batch_size = batch_size
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from engmoe.data.indexed_writer import IndexedDatasetWriter, token_dtype
+        from engmoe.data_prep.indexed_writer import IndexedDatasetWriter, token_dtype
         from engmoe.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(self.tokenizer_path)
@@ -104,7 +104,7 @@ class WriteManifest(PipelineStep):
         self.add_bos, self.source, self.license, self.filters = add_bos, source, license, filters or {}
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from engmoe.data.indexed_writer import token_dtype
+        from engmoe.data_prep.indexed_writer import token_dtype
         from engmoe.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(self.tokenizer_path)

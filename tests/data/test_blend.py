@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engmoe.data.blend import BlendError, load_blend, resolve_blend, write_blend
-from engmoe.data.indexed_writer import IndexedDatasetWriter
+from engmoe.data_prep.indexed_writer import IndexedDatasetWriter
 from engmoe.data_prep.manifest import build_manifest, rank_record_path
 from engmoe.io import write_json_atomic
 

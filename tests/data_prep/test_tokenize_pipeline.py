@@ -184,7 +184,7 @@ def test_parquet_input_and_corrupt_parquet(tmp_path, tokenizer_path):
 
 
 def test_vocab_that_does_not_fit_the_dtype_is_refused(tmp_path):
-    from engmoe.data.indexed_writer import IndexedDatasetWriter, token_dtype
+    from engmoe.data_prep.indexed_writer import IndexedDatasetWriter, token_dtype
 
     assert token_dtype(65536) == np.uint16 and token_dtype(131084) == np.int32
     with pytest.raises(ValueError, match="does not fit"):
