@@ -41,7 +41,8 @@ def _smoke(args) -> int:
         loss.backward()
         opt.step()
         if step == 1 or step % 10 == 0 or step == args.steps:
-            print(f"step {step:4d} | loss {loss.item():.4f} | aux {model.moe_stats().aux_loss.sum().item():.4f} | {time.time() - t0:.1f}s")
+            aux = model.moe_stats().aux_loss.sum().item()
+            print(f"step {step:4d} | loss {loss.item():.4f} | aux {aux:.4f} | {time.time() - t0:.1f}s")
     return 0
 
 

@@ -209,8 +209,8 @@ def _tokens(dataset_dir: Path) -> int:
 def _build_chat(out: Path, conversations: list[tuple[str, list[str]]], seq_len: int) -> None:
     """Italian dialogues as user/assistant ChatML conversations, packed for the mid-training demo."""
     from engmoe.data.chat import ChatRenderer
-    from engmoe.data_prep.packing import write_packed_dataset
     from engmoe.data.tokenizer import load_tokenizer
+    from engmoe.data_prep.packing import write_packed_dataset
 
     tok = load_tokenizer(out / "tokenizer.json")
     renderer = ChatRenderer(tok)

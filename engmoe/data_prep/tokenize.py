@@ -59,8 +59,8 @@ class TokenizeToMegatron(PipelineStep):
         self.batch_size = batch_size
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from engmoe.data_prep.indexed_writer import IndexedDatasetWriter, token_dtype
         from engmoe.data.tokenizer import load_tokenizer
+        from engmoe.data_prep.indexed_writer import IndexedDatasetWriter, token_dtype
 
         tok = load_tokenizer(self.tokenizer_path)
         prefix = shard_prefix(self.shard_name, rank)
@@ -104,8 +104,8 @@ class WriteManifest(PipelineStep):
         self.add_bos, self.source, self.license, self.filters = add_bos, source, license, filters or {}
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from engmoe.data_prep.indexed_writer import token_dtype
         from engmoe.data.tokenizer import load_tokenizer
+        from engmoe.data_prep.indexed_writer import token_dtype
 
         tok = load_tokenizer(self.tokenizer_path)
         stats = merged_stats(self.stats_dir) if self.stats_dir else {}

@@ -17,6 +17,7 @@ import torch
 from engmoe.config import Config, ConfigError
 from engmoe.data.mock import MockDataset
 
+
 @dataclass
 class TrainData:
     train: Any

@@ -56,7 +56,8 @@ def test_launcher_points_the_config_at_the_demo_corpus(demo_corpus, single_rank)
     assert cfg.data.tokenizer == str(demo_corpus.tokenizer_path)
     data = build_train_data(cfg, single_rank.device)
     assert len(data.train) >= 8 and len(data.valid) >= 4 and data.train[0]["tokens"].shape == (64,)
-    assert "validation blend" in data.description and data.tokenizer.sha256 == demo_corpus.train_blend.datasets[0].tokenizer_sha256
+    assert "validation blend" in data.description
+    assert data.tokenizer.sha256 == demo_corpus.train_blend.datasets[0].tokenizer_sha256
 
     packed = load_config(model="tiny", overrides=[*overrides, "data.packed=true", "data.seq_len=512"])
     assert use_demo_corpus(packed).startswith("demo chat conversations (packed)")
