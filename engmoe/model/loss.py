@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from engmoe.model.cross_entropy import fused_cross_entropy
+from engmoe.kernels.cross_entropy import fused_cross_entropy
 
 CROSS_ENTROPY_IMPLS = ("fused", "megatron")
 PADDED_LOGIT = -1e9  # finite: a shard of only padding must not give NaN

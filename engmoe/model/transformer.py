@@ -8,14 +8,13 @@ so a checkpoint reshards across pipeline layouts).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from engmoe.config import ConfigError, ModelConfig, ParallelConfig
-from engmoe.kernels.cross_entropy import fused_cross_entropy
 from engmoe.model.attention import SelfAttention
 from engmoe.model.compiled import set_enabled as set_compile_elementwise
 from engmoe.model.cuda_graphs import AttentionBlock, LayerGraphs, graphable

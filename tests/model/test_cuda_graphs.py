@@ -81,7 +81,7 @@ def test_block_wiring_equals_the_eager_layer(single_rank, mode):
         def run(**kw):
             out = layer(x, rotary, **kw)
             grads = torch.autograd.grad(out.square().sum(), [x, *params], allow_unused=True)
-            return out, grads, layer.mlp.last_stats["tokens_per_expert"].clone()
+            return out, grads, layer.mlp.stats.last.tokens_per_expert.clone()
 
         eager, g_eager, counts_eager = run()
         blocked, g_block, counts_block = run(block=block)
