@@ -115,9 +115,13 @@ def test_graphed_layers_match_eager_loss_and_grads(single_rank, mode):
         cfg = load_config(model="tiny", overrides=["model.num_layers=3", "data.seq_len=256",
                                                    f"model.cuda_graphs={graphs}"]).model
         model = build_model_chunks(cfg, device="cuda", params_dtype=torch.bfloat16)[0]
-        for p in model.parameters():  # what megatron DDP does: fp32 main_grad += grad, then .grad = None
+        def to_main_grad(q):  # what megatron DDP does: fp32 main_grad += grad, then .grad = None
+            q.main_grad.add_(q.grad)
+            q.grad = None
+
+        for p in model.parameters():
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-            p.register_post_accumulate_grad_hook(lambda q: (q.main_grad.add_(q.grad), setattr(q, "grad", None)))
+            p.register_post_accumulate_grad_hook(to_main_grad)
         g = torch.Generator().manual_seed(0)
         losses = []
         for _ in range(3):  # first call captures, the next ones replay
@@ -149,6 +153,7 @@ def test_graphed_trainer_steps_match_eager(single_rank, tmp_path, mode):
 
     def steps(graphs):
         cfg = load_config(model="tiny", stage="1", overrides=[
+            "parallel.pipeline=1", "parallel.expert=1",
             "model.num_layers=2", "data.mock=true", "data.seq_len=256", f"model.cuda_graphs={graphs}",
             "stage.global_batch=4", "stage.batch_ramp=[]", "stage.micro_batch=1", "stage.train_steps=3",
             "stage.eval_interval=1000", "stage.eval_batches=1", "stage.tensorboard=false", "stage.save=false",

@@ -39,6 +39,8 @@ def test_model_forward_backward_has_no_host_sync(single_rank, extra):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(tokens, labels=tokens).loss.mean()
         loss.backward()
+        for p in model.parameters():  # consumed per backward, as megatron DDP's main_grad hooks do (graphs need it)
+            p.grad = None
 
     step()  # compile / capture
     _no_sync(step)
@@ -51,6 +53,7 @@ def test_trainer_schedule_has_no_host_sync(single_rank, tmp_path):
     from engmoe.training.trainer import Trainer
 
     cfg = load_config(model="tiny", stage="1", overrides=[
+        "parallel.pipeline=1", "parallel.expert=1",
         "model.num_layers=2", "data.mock=true", "data.seq_len=256", "stage.global_batch=4", "stage.batch_ramp=[]",
         "stage.micro_batch=1", "stage.train_steps=3", "stage.eval_interval=1000", "stage.eval_batches=1",
         "stage.tensorboard=false", "stage.save=false", f"stage.save_dir={tmp_path}", "optimizer.warmup_steps=1"])
