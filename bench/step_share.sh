@@ -21,7 +21,7 @@ S=$(date +%s); TOTAL=${TOTAL:-560}
 left() { echo $(( TOTAL - ($(date +%s) - S) )); }
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 TEXT=${TEXT:-data/bench-tekken}
-COMMON="--warmup 2 --steps 3 --profile 1 --text $ROOT/$TEXT"
+COMMON="${COMMON:---warmup 2 --steps 3 --profile 1} --text $ROOT/$TEXT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 
 # ---- wheels, builds (grouped_gemm for the anchor in the background, engmoe._C in the foreground) ------------------
