@@ -91,7 +91,8 @@ class ParallelEnv:
 _ENV: ParallelEnv | None = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on localhost (single-process rendezvous; tests that start torchrun)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -113,7 +114,7 @@ def init_distributed(backend: str | None = None) -> torch.device:
             dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
         else:
             dist.init_process_group(backend=backend, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                    init_method=f"tcp://127.0.0.1:{free_port()}")
     return device
 
 

@@ -77,6 +77,14 @@ def plot(runs: list[RunCurves], out: str | Path, title: str = "engmoe training")
     ax_eff.legend(fontsize=8)
     ax_eff.grid(alpha=0.3)
     fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure under a temporary name and rename it: never a half-written PNG at ``out``."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     fig.savefig(tmp, dpi=110)

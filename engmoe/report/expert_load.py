@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engmoe.report.curves import save_figure
 from engmoe.training.expert_load import COUNTS_TAG, HEATMAP_MAX, relative_load
 
 
@@ -75,10 +76,4 @@ def plot(runs: list[str | Path], out: str | Path, title: str = "engmoe expert lo
     ax_cv.grid(alpha=0.3)
     ax_cv.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)

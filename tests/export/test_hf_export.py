@@ -1,13 +1,14 @@
 """`engmoe export-hf`: transformers loads the export and computes our logits; any layout exports the same."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from engmoe.parallel.state import free_port
 
 from engmoe_tiny_runs import SEED, build_reference
 
@@ -155,10 +156,6 @@ def test_cli_export_hf(tiny_checkpoints, tmp_path, capsys):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer_config.json").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -168,7 +165,7 @@ def test_export_from_any_parallel_layout(tiny_checkpoints, tmp_path):
 
     from engmoe_tiny_runs import save_tiny_checkpoint
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            str(HERE / "layout_save_worker.py"), "--out", str(tmp_path / "layouts"), "--seed", str(SEED)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

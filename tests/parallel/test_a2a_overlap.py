@@ -5,20 +5,17 @@ the equivalence suite (``test_equivalence.py``), which runs the EP layouts with 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engmoe.parallel.state import free_port
+
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layer(mode: str, chunks: int, world: int, rank: int):
@@ -68,7 +65,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 def test_chunked_all_to_all_matches_one_shot():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    world, port = 2, _free_port()
+    world, port = 2, free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()

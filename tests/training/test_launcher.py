@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from engmoe.parallel.state import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _cmd(nproc, stage, run_dir, demo_root, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
             str(ROOT / "launch" / "pretrain.py"), "--stage", stage, "--demo",
             "--set", f"data.data_root={demo_root}", "--set", f"stage.save_dir={run_dir}", *extra]
 

@@ -12,21 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from engmoe.parallel.state import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _preempt(run_dir: Path, shutdown_timeout: int, save_delay: int, *extra, nproc: int = 1,
              signal_rank: int | None = None) -> tuple[int, str, str]:
     """Start a run, wait for step 2, SIGTERM the launcher (or only the worker of ``signal_rank``)."""
-    cmd = [sys.executable, "-m", "engmoe.elastic", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "engmoe.elastic", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            str(ROOT / "launch" / "pretrain.py"), "--stage", "1", "--model", "tiny",
            "--set", "parallel.pipeline=1", "--set", "parallel.expert=1", "--set", "parallel.tensor=1",
            "--set", "parallel.context=1", "--set", "model.moe.kernel_backend=reference",
