@@ -24,20 +24,8 @@ from engmoe.config import MoEConfig  # noqa: E402
 from engmoe.model.moe import MoELayer  # noqa: E402
 from engmoe.model.moe.dispatcher import AllToAllDispatcher, LocalDispatcher  # noqa: E402
 
-
-def median_ms(fn, iters: int, warm: int = 3) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe_layer import timed  # noqa: E402  (the MoE benchmark's CUDA-event median)
 
 
 def main() -> int:
@@ -65,7 +53,7 @@ def main() -> int:
             def step():
                 layer(x).backward(grad)
 
-            results[name] = median_ms(step, args.iters)
+            results[name] = timed(step, args.iters)
     base = results["local"]
     print(f"MoE layer fwd+bwd, {args.tokens} tokens, bf16, kernels: {layer.kernels.name}")
     for name, ms in results.items():

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_tree import kill_tree  # tests/training is on sys.path (rootdir-less import)
 
 from engmoe.parallel.state import free_port
 
@@ -18,27 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-
-
 @pytest.fixture(scope="module")
 def demo_root(demo_corpus):
     return demo_corpus.root
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker (torch 2.13's torchrun starts each worker in its own session, so
-    killing torchrun's process group would leave the workers training)."""
-    import psutil
-
-    procs = [psutil.Process(proc.pid)]
-    procs += procs[0].children(recursive=True)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()
 
 
 def _cmd(nproc, stage, run_dir, demo_root, *extra):
@@ -88,7 +71,7 @@ def test_pipeline_parallel_kill_and_resume_reproduce_the_uninterrupted_run(demo_
     deadline = time.time() + 300
     while not (killed / "latest").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    _kill_tree(proc)
+    kill_tree(proc)
     first = int((killed / "latest").read_text())
     assert first < 12, "the run finished before it could be killed"
     out = _run(_cmd(2, "1", killed, demo_root, *common, "--resume", "auto"))

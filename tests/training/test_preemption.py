@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_tree import kill_tree  # tests/training is on sys.path (rootdir-less import)
 
 from engmoe.parallel.state import free_port
 
@@ -53,22 +54,11 @@ def _preempt(run_dir: Path, shutdown_timeout: int, save_delay: int, *extra, npro
     try:
         rest, err = proc.communicate(timeout=float(os.environ.get("PREEMPT_TEST_TIMEOUT", 240)))
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        kill_tree(proc)
         raise
     return proc.returncode, "".join(out) + rest, err
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()
 
 
 def test_sigterm_through_torchrun_saves_and_exits_zero(tmp_path):
