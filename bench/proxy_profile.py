@@ -129,21 +129,31 @@ def profile_breakdown(prof, steps: int) -> dict:
     the top operators by the device time of the kernels they launched (where the kernels come from)."""
     from torch.autograd import DeviceType
 
-    kernels, ops = [], []
+    kernels, ops, host = [], [], []
+    launches = 0
     for evt in prof.key_averages():
         dev = getattr(evt, "self_device_time_total", 0) or 0
+        if evt.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                       "cudaGraphLaunch"):
+            launches += evt.count
+        if evt.device_type == DeviceType.CPU and evt.self_cpu_time_total > 0 and "#" not in evt.key:
+            host.append((evt.key, evt.self_cpu_time_total / 1e3 / steps, evt.count / steps))
         if dev <= 0 or evt.key in ("Command Buffer Full", "Activity Buffer Request") or "#" in evt.key:
             continue  # profiler bookkeeping, and user annotations (Optimizer.step#AdamW.step) spanning kernels
         row = (evt.key, dev / 1e3 / steps, evt.count / steps)
         (kernels if evt.device_type == DeviceType.CUDA else ops).append(row)
     kernels.sort(key=lambda r: -r[1])
     ops.sort(key=lambda r: -r[1])
+    host.sort(key=lambda r: -r[1])
     cats: dict[str, float] = defaultdict(float)
     for name, ms, _ in kernels:
         cats[categorize(name)] += ms
     fmt = lambda rows: [{"name": n[:140], "ms_per_step": round(ms, 3), "calls_per_step": c} for n, ms, c in rows[:40]]
     return {"categories_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "device_ms_per_step": sum(ms for _, ms, _ in kernels), "top_kernels": fmt(kernels), "top_ops": fmt(ops)}
+            "device_ms_per_step": sum(ms for _, ms, _ in kernels), "top_kernels": fmt(kernels), "top_ops": fmt(ops),
+            # the host side (why the GPU waits): launches per step and the operators by their own CPU time
+            "launches_per_step": launches / steps, "host_ms_per_step": sum(ms for _, ms, _ in host),
+            "top_host_ops": fmt(host)}
 
 
 def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dict:
@@ -214,6 +224,10 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
               f"{result['busy_ms_per_step']:.1f} ms/step = {result['busy_share']:.0%} of the step wall")
         for cat, ms in result["categories_ms_per_step"].items():
             print(f"  {cat:<36} {ms:8.2f} ms  {ms / result['step_ms']:6.1%}")
+        print(f"  host: {result['launches_per_step']:,.0f} launches/step, operators' own CPU time "
+              f"{result['host_ms_per_step']:.1f} ms/step (under the profiler); top by own CPU time:")
+        for row in result["top_host_ops"][:14]:
+            print(f"    {row['ms_per_step']:8.2f} ms  x{row['calls_per_step']:<6.0f} {row['name'][:110]}")
         print("  top kernels:")
         for row in result["top_kernels"][:18]:
             print(f"    {row['ms_per_step']:8.2f} ms  x{row['calls_per_step']:<6.0f} {row['name'][:110]}")

@@ -12,7 +12,8 @@
 # without it the before part is skipped. TEXT: folder of bench/prepare_bench_text.py (real text in the Tekken
 # tokenizer; default data/bench-tekken). Each part runs under its own time budget (BUDGET_BEFORE, BUDGET_MCORE; the
 # after part gets the rest of TOTAL); a variant that would not fit is reported as skipped. AFTER_VARIANTS /
-# BEFORE_VARIANTS / MCORE_MB override the set; GPU_TESTS=1 runs the gpu-marked tests of this change first. Results: $OUT/{before,after,mcore}.json, logs, $OUT/table.txt.
+# BEFORE_VARIANTS / MCORE_MB override the set; GPU_TESTS=1 runs the gpu-marked tests of this change first
+# (GPU_TEST_FILES adds files), SKIP_MCORE=1 leaves the anchor out (diagnostic calls). Results: $OUT/{before,after,mcore}.json, logs, $OUT/table.txt.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -54,7 +55,8 @@ PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c;
 # ---- optional: this change's GPU tests first (GPU_TESTS=1; ~1-2 min, taken from the after part's budget) ----------
 if [ -n "${GPU_TESTS:-}" ]; then
   PYTHONPATH=$ROOT:/tmp/site timeout 200 python3 -m pytest -q -m gpu tests/model/test_cuda_graphs.py \
-    tests/training/test_host_sync_gpu.py -p no:cacheprovider -rfE 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+    tests/training/test_host_sync_gpu.py ${GPU_TEST_FILES:-} -p no:cacheprovider -rfE >"$OUT/gpu_tests.log" 2>&1
+  tail -25 "$OUT/gpu_tests.log"
 fi
 
 # ---- variants (name -> overrides; bench.* keys are the benchmark's: bench.data=text, bench.model=proxy) -------------
@@ -109,7 +111,9 @@ profile "$ROOT" after "$B" "$AFTER_VARIANTS"
 wait $GG; echo "grouped_gemm build rc=$? ($(tail -1 "$OUT/gg_build.log" 2>/dev/null | cut -c1-120))"
 M=$(( $(left) - 15 ))
 echo "== megatron-core anchor, budget $M s"
-if [ "$M" -gt 60 ]; then
+if [ -n "${SKIP_MCORE:-}" ]; then
+  echo "megatron-core anchor skipped: SKIP_MCORE is set"
+elif [ "$M" -gt 60 ]; then
   PYTHONPATH=/tmp/site:/tmp/site_gg timeout $(( M + 20 )) python3 .whl/mcore_gpt_step_anchor.py --core-attention sdpa \
     --micro-batch $MCORE_MB --warmup 2 --steps 3 --time-budget "$M" --json "$OUT/mcore.json" >"$OUT/mcore.log" 2>&1
   tail -6 "$OUT/mcore.log"
