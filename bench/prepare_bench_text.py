@@ -54,8 +54,9 @@ def main() -> int:
     args = p.parse_args()
     from engmoe.data.tokenizer import Tokenizer
 
-    out = Path(args.out)
-    build = Path(tempfile.mkdtemp(prefix=out.name + ".building-", dir=out.parent if out.parent.exists() else None))
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)  # the build folder sits beside it: os.replace stays on one disk
+    build = Path(tempfile.mkdtemp(prefix=out.name + ".building-", dir=out.parent))
     try:
         tok_path = args.tokenizer
         if tok_path is None:
