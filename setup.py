@@ -5,6 +5,10 @@ torch and ``nvcc`` are both present; everywhere else the install succeeds and sa
 skipped, and the pure-PyTorch kernels are used. Install with ``--no-build-isolation`` so this script
 sees the torch you installed (otherwise pip's isolated build environment has no torch and the
 extension is always skipped).
+
+``libengmoe_sm90.so`` (engmoe's Hopper grouped GEMM, csrc/sm90/, torch-free) is built with the extension where
+nvcc and the CUTLASS headers (``ENGMOE_CUTLASS_DIR`` or the ``nvidia-cutlass`` wheel) are both found, into
+engmoe/kernels/ (so it ships in the wheel); skipped with one message otherwise, or with ENGMOE_SKIP_SM90_BUILD=1.
 """
 import glob
 import os
@@ -46,7 +50,49 @@ def _cuda_extension():
     return [ext], {"build_ext": BuildExtension}
 
 
+def _load_build_sm90():
+    """engmoe/kernels/build_sm90.py by path: importing the package would import torch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engmoe_build_sm90", os.path.join("engmoe", "kernels",
+                                                                                    "build_sm90.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build_sm90(out_dir: str) -> None:
+    if os.environ.get("ENGMOE_SKIP_SM90_BUILD") == "1":
+        print("engmoe: ENGMOE_SKIP_SM90_BUILD=1, libengmoe_sm90.so skipped", file=sys.stderr)
+        return
+    b = _load_build_sm90()
+    try:
+        b.find_nvcc()
+        b.find_cutlass()
+    except b.BuildError as e:
+        print(f"engmoe: libengmoe_sm90.so skipped (the sm90 expert GEMMs stay off): {e}", file=sys.stderr)
+        return
+    # a compile error here is a real failure: report it (objects stay in build/sm90/obj, out of the package)
+    b.build(out_dir, obj_dir=os.path.join("build", "sm90", "obj"))
+
+
+def _with_sm90(cmdclass: dict) -> dict:
+    """build_ext that also builds libengmoe_sm90.so next to engmoe/kernels/sm90_gemm.py."""
+    from setuptools.command.build_ext import build_ext as _plain
+
+    base = cmdclass.get("build_ext", _plain)
+
+    class BuildExtWithSm90(base):
+        def run(self):
+            super().run()
+            root = os.path.dirname(os.path.abspath(__file__)) if self.inplace else self.build_lib
+            _build_sm90(os.path.join(root, "engmoe", "kernels"))
+
+    return {**cmdclass, "build_ext": BuildExtWithSm90}
+
+
 ext_modules, cmdclass = _cuda_extension()
+cmdclass = _with_sm90(cmdclass)
 
 setup(
     name="engmoe",

@@ -1,0 +1,45 @@
+// Internal contract between the C ABI (api.cu) and the kernel configurations (kernels/*.cu, one per TU so that a
+// build can compile them in parallel): a configuration is a name plus two functions. No CUTLASS in here, so
+// api.cu compiles in seconds.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string>
+
+namespace engmoe_sm90 {
+
+struct Problem {
+  int kind;
+  const void* a;
+  const void* b;
+  void* d;
+  const void* counts;
+  bool counts_is_int64;
+  int groups;
+  int64_t rows;
+  int k;
+  int n;
+  void* workspace;
+  int64_t workspace_bytes;
+  int sm_count;
+  int device;
+  cudaStream_t stream;
+};
+
+struct Config {
+  const char* name;
+  int64_t (*workspace_bytes)(int groups, int sm_count);
+  // ENGMOE_SM90_OK or an error code; on error `*error` says why.
+  int (*run)(const Problem& p, std::string* error);
+};
+
+// One per kernels/*.cu (defined there).
+extern const Config kFwdCoop128x256;
+extern const Config kFwdPingpong128x128;
+extern const Config kDgradCoop128x256;
+extern const Config kDgradPingpong128x128;
+extern const Config kWgradPingpong128x128;
+extern const Config kWgradAccumPingpong128x128;
+extern const Config kWgradAccumCoop128x256;
+
+}  // namespace engmoe_sm90
