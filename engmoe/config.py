@@ -71,7 +71,8 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     # Compute router logits/softmax in fp32 even when the model runs in bf16 (routing is precision-sensitive).
     router_fp32: bool = True
-    # Kernel backend for the grouped-expert path: auto | reference | torch | cuda | grouped_gemm.
+    # Kernel backend for the grouped-expert path: auto | reference | torch | cuda | grouped_gemm | sm90
+    # (sm90: engmoe's own Hopper grouped GEMM for the experts, docs/kernels-sm90.md; not chosen by auto).
     kernel_backend: str = "auto"
     # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the top-k choice only,
     # moved by rate·sign(mean load − load) after every optimizer step (engmoe.model.moe.balancing). 0 = off.
@@ -100,7 +101,7 @@ class MoEConfig:
                f"{where}.expert_bias_update_rate", f"must be >= 0 (0 = off), got {self.expert_bias_update_rate}")
 
 
-KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm")
+KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm", "sm90")
 CUDA_GRAPH_MODES = ("none", "attention", "attention_router")  # engmoe.model.cuda_graphs
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "naive")
 

@@ -7,7 +7,12 @@
 * ``cuda``         — engmoe's own kernels from ``engmoe._C`` (csrc/): counting-sort routing maps, scatter
   permute, deterministic combine (+ probability gradient), fused SwiGLU (+ routing-probability scale),
   fused softmax/top-k router, bf16 router GEMM with fp32 logits; expert GEMMs on the faster library per
-  GEMM kind and group size (``ENGMOE_GEMM_PLAN``, see ``DEFAULT_GEMM_PLAN``).
+  GEMM kind and group size (``ENGMOE_GEMM_PLAN``, see ``DEFAULT_GEMM_PLAN``; ``sm90`` names engmoe's own
+  Hopper grouped GEMM there, per kind).
+* ``sm90``         — the ``cuda`` backend with every expert GEMM on engmoe's Hopper grouped GEMM
+  (``engmoe.kernels.sm90_gemm``, csrc/sm90/; H100/H200 with libengmoe_sm90.so built) and, with
+  gradient-accumulation fusion, its accumulating fp32 epilogue for the weight gradients (unless
+  ``ENGMOE_EXPERT_WGRAD_ACCUM`` says otherwise). Not in ``auto`` until it is measured faster.
 * ``auto``         — the fastest of the above that is available here (order ``AUTO_ORDER``), else reference
   (always on CPU).
 
@@ -35,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from engmoe.kernels import cuda_ops, grouped, reference
+from engmoe.kernels import cuda_ops, grouped, reference, sm90_gemm
 
 # Measured order (bench/KERNEL_NOTES.md): ours, then torch._grouped_mm, then grouped_gemm.
 AUTO_ORDER = ("cuda", "torch", "grouped_gemm")
@@ -92,14 +97,23 @@ def _grouped_gemm_kernels(wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> MoEK
 
 
 
-def _wgrad_accum() -> str:
-    return os.environ.get("ENGMOE_EXPERT_WGRAD_ACCUM", DEFAULT_EXPERT_WGRAD_ACCUM)
+def _wgrad_accum(default: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> str:
+    return os.environ.get("ENGMOE_EXPERT_WGRAD_ACCUM", default)
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernels(plan_spec: str, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> MoEKernels:
     plan = GemmPlan.parse(plan_spec).resolved()
     return MoEKernels("cuda", cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
+                      grouped.make_grouped_mlp(plan, cuda_ops.swiglu, wgrad_accum), cuda_ops.router_topk,
+                      cuda_ops.router_logits)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_kernels(wgrad_accum: str = "sm90") -> MoEKernels:
+    # the cuda backend's dispatch ops (own kernels where engmoe._C is loaded, the reference otherwise)
+    plan = GemmPlan.parse("sm90")
+    return MoEKernels("sm90", cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
                       grouped.make_grouped_mlp(plan, cuda_ops.swiglu, wgrad_accum), cuda_ops.router_topk,
                       cuda_ops.router_logits)
 
@@ -113,11 +127,16 @@ def _usable(name: str) -> bool:
         return grouped.grouped_gemm_usable()
     if name == "cuda":
         return cuda_ops.available()
+    if name == "sm90":
+        return sm90_gemm.usable()
     return False
 
 
+BACKENDS = ("reference", "torch", "grouped_gemm", "cuda", "sm90")
+
+
 def available_backends() -> list[str]:
-    return [n for n in ("reference", "torch", "grouped_gemm", "cuda") if _usable(n)]
+    return [n for n in BACKENDS if _usable(n)]
 
 
 def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None) -> MoEKernels:
@@ -127,13 +146,14 @@ def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None) -> MoEKern
             if _usable(cand):
                 return get_moe_kernels(cand, gemm_plan)
         return REFERENCE
-    if name not in ("reference", "torch", "grouped_gemm", "cuda"):
-        raise RuntimeError(f"unknown kernel backend {name!r} (known: reference, torch, grouped_gemm, cuda, auto)")
+    if name not in BACKENDS:
+        raise RuntimeError(f"unknown kernel backend {name!r} (known: {', '.join(BACKENDS)}, auto)")
     if not _usable(name):
         why = {
             "torch": "needs torch._grouped_mm on a CUDA GPU with sm_90+",
             "grouped_gemm": "needs the grouped_gemm package and a CUDA GPU",
             "cuda": f"needs a CUDA GPU and the engmoe._C extension ({cuda_ops.load_error() or 'not built'})",
+            "sm90": f"needs an H100/H200 and libengmoe_sm90.so ({sm90_gemm.unusable_reason()})",
         }[name]
         raise RuntimeError(f"kernel backend {name!r} is not available here: {why} (available: {available_backends()})")
     if name == "reference":
@@ -142,4 +162,6 @@ def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None) -> MoEKern
         return TORCH
     if name == "grouped_gemm":
         return _grouped_gemm_kernels(_wgrad_accum())
+    if name == "sm90":
+        return _sm90_kernels(_wgrad_accum("sm90"))
     return _cuda_kernels(gemm_plan or os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN), _wgrad_accum())

@@ -1,4 +1,5 @@
-"""Grouped expert GEMMs: ``torch._grouped_mm`` and the ``grouped_gemm`` package behind one autograd Function.
+"""Grouped expert GEMMs: ``torch._grouped_mm``, the ``grouped_gemm`` package and engmoe's own Hopper kernels
+(``sm90``: engmoe.kernels.sm90_gemm, csrc/sm90/) behind one autograd Function.
 
 Each of the three GEMMs of a grouped linear layer (forward ``x @ w[e]``, data gradient ``dy @ w[e]ᵀ``,
 weight gradient ``x_eᵀ @ dy_e``) can come from a different library (a :class:`GemmPlan`), so the MoE path
@@ -13,9 +14,10 @@ from typing import Callable
 
 import torch
 
-from engmoe.kernels import cuda_ops, reference, wgrad
+from engmoe.kernels import cuda_ops, reference, sm90_gemm, wgrad
 
-LIBS = ("torch", "grouped_gemm")
+# "sm90" last: where a named library cannot run, ``GemmPlan.resolved`` takes the first usable one in this order
+LIBS = ("torch", "grouped_gemm", "sm90")
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +42,7 @@ def grouped_gemm_usable() -> bool:
 
 
 def lib_usable(name: str) -> bool:
-    return {"torch": torch_grouped_mm_usable, "grouped_gemm": grouped_gemm_usable}[name]()
+    return {"torch": torch_grouped_mm_usable, "grouped_gemm": grouped_gemm_usable, "sm90": sm90_gemm.usable}[name]()
 
 
 class _Meta:
@@ -106,9 +108,38 @@ def _g_wgrad(x, dy, m):
     return _gg_backend().gmm(x, dy, m.cpu, trans_a=True, trans_b=False)
 
 
+def _sm90_or_fallback(kind: str, fallback: Callable) -> Callable:
+    """The sm90 kernel of ``kind`` where it takes the operands (bf16, contiguous, 16-byte rows), else
+    ``fallback`` (torch._grouped_mm where usable, else the reference loop): a plan naming sm90 never fails on a
+    shape the kernel refuses."""
+    def run(a, b, m):
+        if sm90_gemm.check(kind, a, b, m.counts) is None:
+            return torch.ops.engmoe.sm90_grouped_mm(a, b, m.counts, kind)
+        return fallback(a, b, m)
+
+    run.__name__ = f"_s_{kind}"
+    return run
+
+
+def _ref_wgrad(x, dy, m):
+    counts = m.cpu.tolist()
+    return torch.stack([xe.t() @ de for xe, de in zip(torch.split(x, counts), torch.split(dy, counts))])
+
+
+def _fallback(kind: str) -> Callable:
+    """torch._grouped_mm where it runs and takes the shapes (16-byte rows, as TMA needs), else the reference."""
+    def run(a, b, m):
+        if torch_grouped_mm_usable() and all(s % 8 == 0 for s in (*a.shape[1:], *b.shape[1:])):
+            return {"fwd": _t_fwd, "dgrad": _t_dgrad, "wgrad": _t_wgrad}[kind](a, b, m)
+        return {"fwd": _ref_fwd, "dgrad": _ref_dgrad, "wgrad": _ref_wgrad}[kind](a, b, m)
+
+    return run
+
+
 _IMPL: dict[tuple[str, str], Callable] = {
     ("torch", "fwd"): _t_fwd, ("torch", "dgrad"): _t_dgrad, ("torch", "wgrad"): _t_wgrad,
     ("grouped_gemm", "fwd"): _g_fwd, ("grouped_gemm", "dgrad"): _g_dgrad, ("grouped_gemm", "wgrad"): _g_wgrad,
+    **{("sm90", k): _sm90_or_fallback(k, _fallback(k)) for k in ("fwd", "dgrad", "wgrad")},
 }
 
 
@@ -126,7 +157,8 @@ class GemmPlan:
 
     @staticmethod
     def parse(spec: str) -> "GemmPlan":
-        """``"auto"``, ``"torch"``, ``"grouped_gemm"`` or ``"fwd,dgrad,wgrad"`` library names."""
+        """``"auto"``, one of ``LIBS`` (``"torch"``, ``"grouped_gemm"``, ``"sm90"``) or ``"fwd,dgrad,wgrad"``
+        library names. "auto" does not pick sm90 (yet): that waits for its measurement (docs/kernels-sm90.md)."""
         if spec.strip() == "auto":
             # H100 (bench/KERNEL_NOTES.md): torch._grouped_mm faster at ~1k rows per expert, grouped_gemm's
             # cuBLAS loop faster for dgrad/wgrad at >= 2k (forward a tie), in isolation and in the layer.
@@ -228,17 +260,27 @@ def _accum_grouped(main_grad, x, dy, m):
     main_grad.add_(torch._grouped_mm(x.t(), dy, offs=m.offs, out_dtype=out_dtype))
 
 
+def _accum_sm90(main_grad, x, dy, m):
+    """engmoe's Hopper grouped GEMM with the accumulating fp32 epilogue (beta = 1, C = D = main_grad[e]): one
+    launch, no host counts, no add pass, empty experts untouched. Operands it cannot take go to "grouped"
+    (or the loop where torch._grouped_mm is missing)."""
+    if sm90_gemm.check("wgrad_accum", x, dy, m.counts, main_grad) is None:
+        torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, x, dy, m.counts)
+        return
+    (_accum_grouped if torch_grouped_mm_usable() else _accum_loop)(main_grad, x, dy, m)
+
+
 # How the experts' weight gradient reaches main_grad on the fast (CUDA bf16) path; ENGMOE_EXPERT_WGRAD_ACCUM
-# picks one for the ``cuda``/``grouped_gemm`` backends (bench/wgrad_fusion.py measures them). The hook for a
-# grouped GEMM with an accumulating fp32 epilogue (one launch, no host counts, no extra pass): register it
-# here as ``EXPERT_WGRAD_ACCUM["<name>"] = fn(main_grad [E, K, N] fp32, x [T, K], dy [T, N], meta)``.
-EXPERT_WGRAD_ACCUM: dict[str, Callable] = {"loop": _accum_loop, "grouped": _accum_grouped}
+# picks one for the ``cuda``/``grouped_gemm``/``sm90`` backends (bench/wgrad_fusion.py measures them). A strategy
+# is ``EXPERT_WGRAD_ACCUM["<name>"] = fn(main_grad [E, K, N] fp32, x [T, K], dy [T, N], meta)``; "sm90" is the
+# grouped GEMM with an accumulating fp32 epilogue (one launch, no host counts, no extra pass).
+EXPERT_WGRAD_ACCUM: dict[str, Callable] = {"loop": _accum_loop, "grouped": _accum_grouped, "sm90": _accum_sm90}
 # "grouped" by measurement (one H200, ep4-share, micro-batch 1 x 32, mock tokens, back-to-back calls on one
 # machine): loop 15,346 tok/s, grouped 21,113 tok/s. The loop's ~1.5k small per-expert GEMMs per micro-batch
 # (fp32 output) cost more than the add pass they save; a GEMM with an accumulating epilogue is the real fix.
 DEFAULT_EXPERT_WGRAD_ACCUM = "grouped"
 # backends whose expert GEMMs can accumulate into main_grad ("torch" stays plain PyTorch autograd)
-ACCUMULATING_BACKENDS = ("reference", "cuda", "grouped_gemm")
+ACCUMULATING_BACKENDS = ("reference", "cuda", "grouped_gemm", "sm90")
 
 
 class _GroupedLinearAccum(torch.autograd.Function):
@@ -279,6 +321,8 @@ def grouped_mlp_accumulating(x: torch.Tensor, tokens_per_expert: torch.Tensor, w
         fwd, dgrad = _IMPL[(plan.fwd, "fwd")], _IMPL[(plan.dgrad, "dgrad")]
         accum_name = getattr(kernels.grouped_mlp, "wgrad_accum", DEFAULT_EXPERT_WGRAD_ACCUM)
         accum = EXPERT_WGRAD_ACCUM[accum_name]
+        if accum is _accum_sm90 and not sm90_gemm.usable():
+            accum = _accum_grouped
         if accum is _accum_grouped and not torch_grouped_mm_usable():
             accum = _accum_loop
     else:

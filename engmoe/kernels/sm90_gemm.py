@@ -1,0 +1,278 @@
+"""engmoe's Hopper grouped GEMM (``csrc/sm90/``, CUTLASS 3.x on sm_90a) as torch custom ops.
+
+The kernels live in a torch-free shared library, ``libengmoe_sm90.so`` (C ABI, see ``csrc/sm90/engmoe_sm90.h``),
+built by ``python -m engmoe.kernels.build_sm90`` (or setup.py where nvcc and CUTLASS's headers are), so it compiles
+on a machine without a GPU or a CUDA torch and is carried to the one that has them. This module loads it with
+ctypes and hands it raw device pointers, the current stream and a workspace from torch's caching allocator (so a
+call is CUDA-graph capturable and owns no memory).
+
+Ops (one launch of the argument kernel plus one of the persistent grouped GEMM each; group sizes read on the device):
+
+* ``torch.ops.engmoe.sm90_grouped_mm(a, b, counts, kind, config=-1)`` with ``kind``:
+  ``"fwd"``   ``x [rows, K] @ w[e]``    (w ``[E, K, N]``) -> ``[rows, N]``;
+  ``"dgrad"`` ``dy [rows, N] @ w[e]ᵀ``                -> ``[rows, K]``;
+  ``"wgrad"`` ``x_eᵀ @ dy_e``                         -> ``[E, K, N]`` (zeros for experts without rows).
+  bf16 in and out, fp32 accumulation.
+* ``torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, x, dy, counts, config=-1)``: ``main_grad[e] += x_eᵀ dy_e``
+  in fp32 (the epilogue reads and writes main_grad, beta = 1); experts without rows are left untouched.
+
+Library lookup: ``$ENGMOE_SM90_LIB``, else ``build/sm90/libengmoe_sm90.so`` of the source checkout, else the copy
+setup.py put next to this file. A missing or stale library makes :func:`usable` False with the reason in
+:func:`unusable_reason`; importing this module never fails.
+
+``config``: -1 is the kind's default; ``ENGMOE_SM90_CONFIGS="fwd=pingpong_128x128x64,wgrad_accum=..."`` overrides
+the defaults by name (for benchmarks; :func:`configs` lists the compiled ones).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+ABI_VERSION = 1  # ENGMOE_SM90_ABI_VERSION in csrc/sm90/engmoe_sm90.h
+KINDS = {"fwd": 0, "dgrad": 1, "wgrad": 2, "wgrad_accum": 3}
+LIB_ENV = "ENGMOE_SM90_LIB"
+CONFIGS_ENV = "ENGMOE_SM90_CONFIGS"
+LIB_NAME = "libengmoe_sm90.so"
+_REPO = Path(__file__).resolve().parents[2]
+BUILD_HINT = "build it with `python -m engmoe.kernels.build_sm90` (needs nvcc and the CUTLASS headers)"
+_MAX_ROWS = 2 ** 31 - 1
+
+
+def library_paths() -> list[Path]:
+    """Where the library is looked for, in order (``$ENGMOE_SM90_LIB`` alone when set)."""
+    env = os.environ.get(LIB_ENV)
+    if env:
+        return [Path(env)]
+    return [_REPO / "build" / "sm90" / LIB_NAME, Path(__file__).resolve().parent / LIB_NAME]
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    i32, i64, vp, cp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p
+    sig = {
+        "engmoe_sm90_abi_version": (i32, []),
+        "engmoe_sm90_compiled_for_sm90a": (i32, []),
+        "engmoe_sm90_num_configs": (i32, [i32]),
+        "engmoe_sm90_default_config": (i32, [i32]),
+        "engmoe_sm90_config_name": (cp, [i32, i32]),
+        "engmoe_sm90_workspace_bytes": (i64, [i32, i32, i32, i32]),
+        "engmoe_sm90_sm_count": (i32, [i32]),
+        "engmoe_sm90_run": (i32, [i32, i32, vp, vp, vp, vp, i32, i32, i64, i32, i32, vp, i64, i32, i32, vp]),
+        "engmoe_sm90_last_error": (cp, []),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+@functools.lru_cache(maxsize=None)
+def _load(paths: tuple[Path, ...]) -> tuple[ctypes.CDLL | None, str | None]:
+    missing = []
+    for path in paths:
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+            _bind(lib)
+        except (OSError, AttributeError) as e:
+            return None, f"{path} does not load: {e}; rebuild it ({BUILD_HINT})"
+        abi = lib.engmoe_sm90_abi_version()
+        if abi != ABI_VERSION:
+            return None, f"{path} has ABI {abi}, this engmoe expects {ABI_VERSION}: stale build, {BUILD_HINT}"
+        if not lib.engmoe_sm90_compiled_for_sm90a():
+            return None, f"{path} was built without sm_90a kernels; {BUILD_HINT}"
+        return lib, None
+    return None, f"libengmoe_sm90.so not found (looked at {', '.join(missing)}; set {LIB_ENV}, or {BUILD_HINT})"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None (see :func:`load_error`)."""
+    return _load(tuple(library_paths()))[0]
+
+
+def load_error() -> str | None:
+    return _load(tuple(library_paths()))[1]
+
+
+def unusable_reason() -> str | None:
+    """Why the sm90 kernels cannot run here (None when they can): library, CUDA device, compute capability."""
+    err = load_error()
+    if err is not None:
+        return err
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0):  # sm_90a code runs on sm_90 only (H100/H200), not on sm_100+ nor older parts
+        return f"needs an sm_90 GPU (H100/H200); this one is sm_{cap[0]}{cap[1]}"
+    return None
+
+
+def usable() -> bool:
+    return unusable_reason() is None
+
+
+def configs(kind: str) -> list[str]:
+    """Names of the compiled configurations of ``kind`` (index = the ops' ``config``; 0 is the default)."""
+    lib = library()
+    if lib is None:
+        return []
+    k = KINDS[kind]
+    return [lib.engmoe_sm90_config_name(k, i).decode() for i in range(lib.engmoe_sm90_num_configs(k))]
+
+
+def config_index(kind: str, name: str) -> int:
+    names = configs(kind)
+    if name not in names:
+        raise ValueError(f"sm90 {kind} config {name!r}: compiled ones are {names}")
+    return names.index(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _env_defaults(spec: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, name = item.partition("=")
+        if kind.strip() not in KINDS:
+            raise ValueError(f"{CONFIGS_ENV}: unknown kind {kind!r} in {spec!r} (kinds: {sorted(KINDS)})")
+        out[kind.strip()] = config_index(kind.strip(), name.strip())
+    return out
+
+
+def default_config(kind: str) -> int:
+    return _env_defaults(os.environ.get(CONFIGS_ENV, "")).get(kind, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=4096)
+def workspace_bytes(kind: str, config: int, groups: int, sm_count: int) -> int:
+    """Device bytes one call needs (CUTLASS's workspace and the per-group argument arrays), cached."""
+    n = library().engmoe_sm90_workspace_bytes(KINDS[kind], config, groups, sm_count)
+    if n < 0:
+        raise ValueError(f"sm90 {kind}: no workspace size for config {config}, {groups} groups, {sm_count} SMs")
+    return int(n)
+
+
+# ------------------------------------------------------------------------------------------------- shape checks
+def _dims(kind: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, K, N, E) of a call, in the weight's [K, N] terms."""
+    if kind == "fwd":
+        return a.shape[0], b.shape[1], b.shape[2], b.shape[0]
+    if kind == "dgrad":
+        return a.shape[0], b.shape[1], b.shape[2], b.shape[0]
+    return a.shape[0], a.shape[1], b.shape[1], counts.shape[0]
+
+
+def out_shape(kind: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> tuple[int, ...]:
+    rows, k, n, e = _dims(kind, a, b, counts)
+    return {"fwd": (rows, n), "dgrad": (rows, k)}.get(kind, (e, k, n))
+
+
+def check(kind: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor,
+          main_grad: torch.Tensor | None = None) -> str | None:
+    """None when the kernels take these operands, else why not (the caller falls back to another path).
+
+    TMA needs 16-byte aligned base addresses and row pitches: bf16 rows of K and N elements, K and N multiples
+    of 8; the tensors contiguous (row-major, as the C ABI assumes)."""
+    if kind not in KINDS:
+        return f"unknown kind {kind!r}"
+    if kind == "fwd" or kind == "dgrad":
+        if a.dim() != 2 or b.dim() != 3:
+            return f"{kind}: expected a 2-D input and a 3-D [E, K, N] weight"
+        want_cols = b.shape[1] if kind == "fwd" else b.shape[2]
+        if a.shape[1] != want_cols:
+            return f"{kind}: input has {a.shape[1]} columns, weight wants {want_cols}"
+    else:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+            return f"{kind}: expected x [rows, K] and dy [rows, N] with equal rows"
+    tensors = [a, b, counts] + ([main_grad] if main_grad is not None else [])
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        return f"bf16 operands only (got {a.dtype}, {b.dtype})"
+    if counts.dtype not in (torch.int64, torch.int32) or counts.dim() != 1 or not counts.is_contiguous():
+        return "counts must be a contiguous 1-D int64/int32 tensor"
+    if not a.is_contiguous() or not b.is_contiguous():
+        return "operands must be contiguous (row-major)"
+    rows, k, n, e = _dims(kind, a, b, counts)
+    if counts.shape[0] != e or e < 1:
+        return f"{counts.shape[0]} group sizes for {e} experts"
+    if k % 8 or n % 8:
+        return f"K={k} and N={n} must be multiples of 8 (16-byte TMA rows)"
+    if rows > _MAX_ROWS:
+        return f"{rows} rows exceed int32"
+    if kind == "wgrad_accum":
+        if main_grad is None or main_grad.dtype != torch.float32 or tuple(main_grad.shape) != (e, k, n):
+            return f"wgrad_accum: main_grad must be fp32 [{e}, {k}, {n}]"
+        if not main_grad.is_contiguous():
+            return "wgrad_accum: main_grad must be contiguous"
+    if any(not t.is_cuda for t in tensors) or len({t.device for t in tensors}) != 1:
+        return "operands must be CUDA tensors on one device"
+    if any(t.numel() and t.data_ptr() % 16 for t in tensors):
+        return "operands must be 16-byte aligned"
+    return None
+
+
+def supports(kind: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor,
+             main_grad: torch.Tensor | None = None) -> bool:
+    """The kernels can run here and take these operands."""
+    return usable() and check(kind, a, b, counts, main_grad) is None
+
+
+# ------------------------------------------------------------------------------------------------- the launch
+def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, counts: torch.Tensor) -> None:
+    why = unusable_reason() or check(kind, a, b, counts, d if kind == "wgrad_accum" else None)
+    if why is not None:
+        raise RuntimeError(f"engmoe sm90 {kind}: {why}")
+    lib = library()
+    config = default_config(kind) if config < 0 else config
+    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    sms = _sm_count(device)
+    groups = counts.shape[0]
+    rows, k, n, _ = _dims(kind, a, b, counts)
+    ws_bytes = workspace_bytes(kind, config, groups, sms)
+    # from torch's caching allocator: freed (stream-ordered) after the call, captured with a CUDA graph
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=a.device)
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    rc = lib.engmoe_sm90_run(KINDS[kind], config, a.data_ptr(), b.data_ptr(), d.data_ptr(), counts.data_ptr(),
+                             int(counts.dtype == torch.int64), groups, rows, k, n, ws.data_ptr(), ws_bytes, sms,
+                             device, stream)
+    if rc != 0:
+        raise RuntimeError(f"engmoe sm90 {kind} failed ({rc}): {lib.engmoe_sm90_last_error().decode()}")
+
+
+@torch.library.custom_op("engmoe::sm90_grouped_mm", mutates_args=())
+def sm90_grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, kind: str,
+                    config: int = -1) -> torch.Tensor:
+    """Grouped ``fwd``/``dgrad``/``wgrad`` GEMM of the experts (module docstring), bf16 out."""
+    if kind not in ("fwd", "dgrad", "wgrad"):
+        raise ValueError(f"sm90_grouped_mm: kind {kind!r} (fwd, dgrad, wgrad; wgrad_accum has its own op)")
+    out = torch.empty(out_shape(kind, a, b, counts), dtype=torch.bfloat16, device=a.device)
+    if a.shape[0] == 0:  # nothing to multiply (and nothing the kernel could take a pointer of)
+        return out.zero_() if kind == "wgrad" else out
+    _launch(kind, config, a, b, out, counts)
+    return out
+
+
+@sm90_grouped_mm.register_fake
+def _(a, b, counts, kind, config=-1):
+    return a.new_empty(out_shape(kind, a, b, counts), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("engmoe::sm90_grouped_wgrad_accum_", mutates_args=("main_grad",))
+def sm90_grouped_wgrad_accum_(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor,
+                              config: int = -1) -> None:
+    """``main_grad[e] += x_eᵀ @ dy_e`` (fp32 main_grad [E, K, N], bf16 x/dy): one launch, no host counts."""
+    if x.shape[0] == 0:
+        return
+    _launch("wgrad_accum", config, x, dy, main_grad, counts)
+
+
+@sm90_grouped_wgrad_accum_.register_fake
+def _(main_grad, x, dy, counts, config=-1):
+    return None
