@@ -191,7 +191,8 @@ def _mlp_inputs(T, E, k, H, F_, dead, dtype):
     return x, counts, w13, w2, row_p
 
 
-@pytest.mark.parametrize("plan", ["torch", "grouped_gemm", "torch,torch,grouped_gemm", "auto-large"])
+@pytest.mark.parametrize("plan", ["torch", "grouped_gemm", "torch,torch,grouped_gemm", "auto-large", "sm90",
+                                  "torch,sm90,sm90"])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_grouped_mlp_bf16_vs_reference(plan, scaled):
     p = grouped.GemmPlan.parse(plan) if plan != "auto-large" else grouped.GemmPlan.parse("auto").large

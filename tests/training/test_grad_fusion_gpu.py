@@ -79,8 +79,14 @@ def _main_grads(fused: bool, backend: str, monkeypatch, accum: str = "loop"):
     return {n: p.main_grad.clone() for n, p in model.named_parameters()}, flags
 
 
-@pytest.mark.parametrize("backend, accum", [("cuda", "loop"), ("cuda", "grouped"), ("reference", "loop")])
+@pytest.mark.parametrize("backend, accum", [("cuda", "loop"), ("cuda", "grouped"), ("reference", "loop"),
+                                            ("sm90", "sm90")])
 def test_fused_main_grad_matches_unfused_under_ddp(single_rank, monkeypatch, backend, accum):
+    if backend == "sm90":
+        from engmoe.kernels import sm90_gemm
+
+        if not sm90_gemm.usable():
+            pytest.skip(f"sm90 grouped GEMM not usable here: {sm90_gemm.unusable_reason()}")
     if backend == "cuda":
         from engmoe.kernels import cuda_ops
 

@@ -1,0 +1,150 @@
+"""CPU tests of the sm90 grouped-GEMM front (engmoe.kernels.sm90_gemm, build_sm90, the plan/backend switch):
+what it says when the library, the GPU or the CUTLASS headers are missing, the fake (meta) implementations of
+its ops, plan parsing, and the ctypes binding of a built library (loaded without a GPU, when one is built)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engmoe.config import MoEConfig
+from engmoe.kernels import GemmPlan, build_sm90, get_moe_kernels, grouped, reference, sm90_gemm
+
+
+@pytest.fixture
+def no_lib(monkeypatch, tmp_path):
+    missing = tmp_path / "nowhere" / "libengmoe_sm90.so"
+    monkeypatch.setenv(sm90_gemm.LIB_ENV, str(missing))
+    return missing
+
+
+def test_missing_library_is_a_reason_not_an_error(no_lib):
+    assert sm90_gemm.library() is None
+    assert not sm90_gemm.usable()
+    why = sm90_gemm.unusable_reason()
+    assert str(no_lib) in why and "python -m engmoe.kernels.build_sm90" in why
+    assert sm90_gemm.configs("fwd") == []
+    assert not grouped.lib_usable("sm90")
+    with pytest.raises(RuntimeError, match="libengmoe_sm90.so not found"):
+        get_moe_kernels("sm90")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to make a stand-in library")
+def test_stale_library_is_refused(monkeypatch, tmp_path):
+    src = tmp_path / "stale.c"
+    src.write_text("int engmoe_sm90_abi_version(void) { return 0; }\n"
+                   "int engmoe_sm90_compiled_for_sm90a(void) { return 1; }\n")
+    lib = tmp_path / "libstale.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    monkeypatch.setenv(sm90_gemm.LIB_ENV, str(lib))
+    why = sm90_gemm.unusable_reason()
+    assert why is not None and "does not load" in why  # the stand-in lacks the other entry points
+    full = tmp_path / "full.c"
+    full.write_text("".join(f"int {n}(void) {{ return {v}; }}\n" for n, v in (
+        ("engmoe_sm90_abi_version", 0), ("engmoe_sm90_compiled_for_sm90a", 1), ("engmoe_sm90_num_configs", 0),
+        ("engmoe_sm90_default_config", 0), ("engmoe_sm90_config_name", 0), ("engmoe_sm90_workspace_bytes", 0),
+        ("engmoe_sm90_sm_count", 0), ("engmoe_sm90_run", 0), ("engmoe_sm90_last_error", 0))))
+    lib2 = tmp_path / "libfull.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib2), str(full)], check=True)
+    monkeypatch.setenv(sm90_gemm.LIB_ENV, str(lib2))
+    assert "stale build" in sm90_gemm.unusable_reason()
+
+
+def test_build_names_the_missing_cutlass_headers(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ENGMOE_CUTLASS_DIR", str(tmp_path / "no-cutlass"))
+    monkeypatch.setitem(sys.modules, "cutlass_library", None)  # `import cutlass_library` raises ImportError
+    with pytest.raises(build_sm90.BuildError, match="CUTLASS headers not found"):
+        build_sm90.find_cutlass()
+    assert build_sm90.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "ENGMOE_CUTLASS_DIR" in err and "pip install nvidia-cutlass" in err and "no-cutlass" in err
+    assert not (tmp_path / "out" / build_sm90.LIB_NAME).exists()
+
+
+def test_build_finds_cutlass_layouts(monkeypatch, tmp_path):
+    for root in (tmp_path / "a", tmp_path / "b" / "source", tmp_path / "c" / "cutlass_library" / "source"):
+        (root / "include" / "cutlass").mkdir(parents=True)
+        (root / "include" / "cutlass" / "cutlass.h").write_text("")
+    assert build_sm90.find_cutlass(tmp_path / "a") == tmp_path / "a"
+    assert build_sm90.find_cutlass(tmp_path / "b") == tmp_path / "b" / "source"
+    monkeypatch.setenv("ENGMOE_CUTLASS_DIR", str(tmp_path / "c"))
+    assert build_sm90.find_cutlass() == tmp_path / "c" / "cutlass_library" / "source"
+    flags = build_sm90.compile_flags(tmp_path / "a")
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags and f"-I{tmp_path / 'a' / 'include'}" in flags
+    names = [p.name for p in build_sm90.sources()]
+    assert names[0] == "api.cu" and len(names) >= 5
+
+
+def test_plan_parsing_and_backend_names():
+    assert "sm90" in grouped.LIBS
+    p = GemmPlan.parse("sm90")
+    assert (p.fwd, p.dgrad, p.wgrad) == ("sm90", "sm90", "sm90")
+    p = GemmPlan.parse("torch, sm90 ,grouped_gemm")
+    assert (p.fwd, p.dgrad, p.wgrad) == ("torch", "sm90", "grouped_gemm")
+    with pytest.raises(ValueError, match="sm90"):
+        GemmPlan.parse("sm91")
+    auto = GemmPlan.parse("auto")  # defaults unchanged: sm90 only where named
+    assert "sm90" not in str(auto)
+    assert "sm90" in grouped.EXPERT_WGRAD_ACCUM and "sm90" in grouped.ACCUMULATING_BACKENDS
+    MoEConfig(kernel_backend="sm90").validate("model.moe")
+    grouped.make_grouped_mlp(GemmPlan.parse("sm90"), reference.swiglu, "sm90")
+
+
+def test_cpu_tensors_on_an_sm90_plan_take_the_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 16, generator=g)
+    w = torch.randn(3, 16, 24, generator=g)
+    counts = torch.tensor([5, 0, 15])
+    out = grouped.grouped_linear(x, w, counts, GemmPlan.parse("sm90"))
+    assert torch.equal(out, reference.grouped_mm(x, w, counts))
+    assert sm90_gemm.check("fwd", x.bfloat16(), w.bfloat16(), counts) == "operands must be CUDA tensors on one device"
+
+
+def test_shape_checks_on_meta_tensors():
+    def m(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    c = m(4, dtype=torch.int64)
+    assert "multiples of 8" in sm90_gemm.check("fwd", m(10, 20), m(4, 20, 32), c)
+    assert "columns" in sm90_gemm.check("fwd", m(10, 24), m(4, 16, 32), c)
+    assert "group sizes" in sm90_gemm.check("fwd", m(10, 16), m(3, 16, 32), c)
+    assert "bf16" in sm90_gemm.check("dgrad", m(10, 32, dtype=torch.float32), m(4, 16, 32), c)
+    assert "main_grad" in sm90_gemm.check("wgrad_accum", m(10, 16), m(10, 32), c, m(4, 16, 32))
+
+
+def test_fake_implementations_give_the_output_shapes():
+    def m(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    c = m(4, dtype=torch.int64)
+    x, w, dy = m(10, 16), m(4, 16, 32), m(10, 32)
+    assert torch.ops.engmoe.sm90_grouped_mm(x, w, c, "fwd").shape == (10, 32)
+    assert torch.ops.engmoe.sm90_grouped_mm(dy, w, c, "dgrad").shape == (10, 16)
+    wg = torch.ops.engmoe.sm90_grouped_mm(x, dy, c, "wgrad")
+    assert wg.shape == (4, 16, 32) and wg.dtype == torch.bfloat16
+    assert torch.ops.engmoe.sm90_grouped_wgrad_accum_(m(4, 16, 32, dtype=torch.float32), x, dy, c) is None
+
+
+def test_built_library_binds_without_a_gpu(monkeypatch):
+    """When a library is built here (build/sm90 or $ENGMOE_SM90_LIB), its C ABI answers without a GPU: the
+    configurations per kind, positive workspace sizes, refusals with a message instead of a crash."""
+    lib = sm90_gemm.library()
+    if lib is None:
+        pytest.skip(f"no built library: {sm90_gemm.load_error()}")
+    for kind in sm90_gemm.KINDS:
+        names = sm90_gemm.configs(kind)
+        assert names and all("x" in n for n in names)
+        assert sm90_gemm.config_index(kind, names[-1]) == len(names) - 1
+        for i in range(len(names)):
+            assert sm90_gemm.workspace_bytes(kind, i, 64, 132) > 64 * 8
+    assert lib.engmoe_sm90_workspace_bytes(0, 99, 64, 132) < 0
+    rc = lib.engmoe_sm90_run(0, 0, 16, 16, 16, 16, 1, 4, 10, 20, 32, 16, 1 << 20, 132, 0, None)
+    assert rc == 1 and b"multiples of 8" in lib.engmoe_sm90_last_error()
+    monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, f"fwd={sm90_gemm.configs('fwd')[-1]}")
+    assert sm90_gemm.default_config("fwd") == len(sm90_gemm.configs("fwd")) - 1
+    monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, "fwd=nope")
+    with pytest.raises(ValueError, match="compiled ones"):
+        sm90_gemm.default_config("fwd")
