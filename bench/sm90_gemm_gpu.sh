@@ -3,14 +3,15 @@
 # the library (carried, or built here from the carried nvidia-cutlass wheel), its GPU tests, compute-sanitizer
 # memcheck and racecheck on a tiny case, then bench/sm90_gemm.py (sm90 vs torch._grouped_mm vs grouped_gemm vs
 # dense, 8k/32k tokens x top-8 over 16/64 experts). Results and logs under $OUT.
-#   carry build/sm90/libengmoe_sm90.so (built where nvcc and the headers are: python -m engmoe.kernels.build_sm90),
-#   or .whl/nvidia_cutlass-*.whl to build here (about 2 minutes on 16 cores); --rebuild forces the build.
+#   carry .whl (megatron_core wheel: the MoE layer tests need it; the wheels in it are installed to /tmp/site) and
+#   build/sm90/libengmoe_sm90.so (built where nvcc and the headers are: python -m engmoe.kernels.build_sm90),
+#   or put nvidia_cutlass-*.whl in .whl to build it here (about 2 minutes on 16 cores); --rebuild forces the build.
 #   bash bench/sm90_gemm_gpu.sh [--rebuild] [bench args...]
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/engmoe_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 LOG=$OUT/sm90_run.log
 START=$(date +%s)
 DEADLINE=${DEADLINE:-560}
@@ -21,16 +22,14 @@ for a in "$@"; do case $a in --rebuild) REBUILD=1;; *) BENCH_ARGS+=("$a");; esac
 
 log start
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>&1 | tee -a "$LOG"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+  echo "wheels installed: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')" | tee -a "$LOG"
+fi
 LIB=build/sm90/libengmoe_sm90.so
 if [ $REBUILD = 1 ] || [ ! -f "$LIB" ]; then
-  WHL=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
-  if [ -z "$WHL" ]; then
-    echo "no $LIB and no .whl/nvidia_cutlass-*.whl to build it from" | tee -a "$LOG"; exit 1
-  fi
-  log "build $LIB (CUTLASS headers from $WHL)"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cutlass "$WHL" >>"$LOG" 2>&1
-  ENGMOE_CUTLASS_DIR=/tmp/cutlass/cutlass_library/source timeout 300 python3 -m engmoe.kernels.build_sm90 -j 14 \
-    >"$OUT/sm90_build.log" 2>&1
+  log "build $LIB (CUTLASS headers: \$ENGMOE_CUTLASS_DIR or the nvidia-cutlass wheel)"
+  timeout 300 python3 -m engmoe.kernels.build_sm90 -j 14 >"$OUT/sm90_build.log" 2>&1
   echo "build rc=$?" | tee -a "$LOG"; tail -3 "$OUT/sm90_build.log" | tee -a "$LOG"
 fi
 python3 -c "from engmoe.kernels import sm90_gemm as s; print('sm90 usable:', s.usable(), s.unusable_reason(), \
