@@ -114,7 +114,9 @@ def _sm90_or_fallback(kind: str, fallback: Callable) -> Callable:
     shape the kernel refuses."""
     def run(a, b, m):
         if sm90_gemm.check(kind, a, b, m.counts) is None:
-            return torch.ops.engmoe.sm90_grouped_mm(a, b, m.counts, kind)
+            if torch.compiler.is_compiling():
+                return torch.ops.engmoe.sm90_grouped_mm(a, b, m.counts, kind)
+            return sm90_gemm.grouped_mm_checked(a, b, m.counts, kind)  # eager: no dispatcher, no second check
         return fallback(a, b, m)
 
     run.__name__ = f"_s_{kind}"
@@ -265,7 +267,10 @@ def _accum_sm90(main_grad, x, dy, m):
     launch, no host counts, no add pass, empty experts untouched. Operands it cannot take go to "grouped"
     (or the loop where torch._grouped_mm is missing)."""
     if sm90_gemm.check("wgrad_accum", x, dy, m.counts, main_grad) is None:
-        torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, x, dy, m.counts)
+        if torch.compiler.is_compiling():
+            torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, x, dy, m.counts)
+        else:
+            sm90_gemm.wgrad_accum_checked(main_grad, x, dy, m.counts)
         return
     (_accum_grouped if torch_grouped_mm_usable() else _accum_loop)(main_grad, x, dy, m)
 

@@ -103,9 +103,15 @@ def unusable_reason() -> str | None:
     err = load_error()
     if err is not None:
         return err
-    if not torch.cuda.is_available():
+    return _device_reason(torch.cuda.current_device() if torch.cuda.is_available() else -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(device: int) -> str | None:
+    """The device half of :func:`unusable_reason`, cached: it is asked once per GEMM call on the hot path."""
+    if device < 0:
         return "no CUDA device"
-    cap = torch.cuda.get_device_capability()
+    cap = torch.cuda.get_device_capability(device)
     if cap != (9, 0):  # sm_90a code runs on sm_90 only (H100/H200), not on sm_100+ nor older parts
         return f"needs an sm_90 GPU (H100/H200); this one is sm_{cap[0]}{cap[1]}"
     return None
@@ -142,8 +148,23 @@ def _env_defaults(spec: str) -> dict[str, int]:
     return out
 
 
+# Defaults other than config 0, by measurement (bench/sm90_gemm.py, one H200, 16 experts x top-8, 2880/1080):
+# the accumulating wgrad at 8k / 32k tokens, cooperative 128x256 525 / 592 TFLOP/s vs ping-pong 128x128 481 / 377
+# (and torch._grouped_mm fp32-out + add_ 504 / 538).
+MEASURED_DEFAULTS = {"wgrad_accum": "cooperative_128x256x64"}
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_default(kind: str) -> int:
+    name = MEASURED_DEFAULTS.get(kind)
+    return configs(kind).index(name) if name in configs(kind) else 0
+
+
 def default_config(kind: str) -> int:
-    return _env_defaults(os.environ.get(CONFIGS_ENV, "")).get(kind, 0)
+    """The config a call with ``config=-1`` runs: ``ENGMOE_SM90_CONFIGS`` if it names ``kind``, else the
+    measured default (``MEASURED_DEFAULTS``), else 0."""
+    env = _env_defaults(os.environ.get(CONFIGS_ENV, ""))
+    return env[kind] if kind in env else _measured_default(kind)
 
 
 @functools.lru_cache(maxsize=None)
@@ -225,10 +246,14 @@ def supports(kind: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------- the launch
-def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, counts: torch.Tensor) -> None:
-    why = unusable_reason() or check(kind, a, b, counts, d if kind == "wgrad_accum" else None)
-    if why is not None:
-        raise RuntimeError(f"engmoe sm90 {kind}: {why}")
+def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, counts: torch.Tensor,
+            checked: bool = False) -> None:
+    """``checked``: the caller ran :func:`check` on these operands already (the eager hot path: a check costs
+    as much host time as the launch itself, and a layer makes six of these calls per micro-batch)."""
+    if not checked:
+        why = unusable_reason() or check(kind, a, b, counts, d if kind == "wgrad_accum" else None)
+        if why is not None:
+            raise RuntimeError(f"engmoe sm90 {kind}: {why}")
     lib = library()
     config = default_config(kind) if config < 0 else config
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
@@ -244,6 +269,22 @@ def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.T
                              device, stream)
     if rc != 0:
         raise RuntimeError(f"engmoe sm90 {kind} failed ({rc}): {lib.engmoe_sm90_last_error().decode()}")
+
+
+def grouped_mm_checked(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, kind: str) -> torch.Tensor:
+    """The ``sm90_grouped_mm`` op's body for operands that passed :func:`check`, called directly in eager mode
+    (no dispatcher round trip, no second check); ``torch.compile`` and ``opcheck`` go through the op."""
+    out = torch.empty(out_shape(kind, a, b, counts), dtype=torch.bfloat16, device=a.device)
+    if a.shape[0] == 0:
+        return out.zero_() if kind == "wgrad" else out
+    _launch(kind, -1, a, b, out, counts, checked=True)
+    return out
+
+
+def wgrad_accum_checked(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> None:
+    """The ``sm90_grouped_wgrad_accum_`` op's body for checked operands (see :func:`grouped_mm_checked`)."""
+    if x.shape[0]:
+        _launch("wgrad_accum", -1, x, dy, main_grad, counts, checked=True)
 
 
 @torch.library.custom_op("engmoe::sm90_grouped_mm", mutates_args=())
