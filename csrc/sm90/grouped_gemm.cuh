@@ -9,6 +9,8 @@
 // Included by exactly one kernels/*.cu per configuration (the instantiation is the slow part of the build).
 #pragma once
 
+#include "driver_shim.h"  // first: it configures how CUTLASS calls the driver
+
 #include <cuda_runtime.h>
 #include <stdint.h>
 
