@@ -92,29 +92,6 @@ def check_no_module_hooks(blocks: list[nn.Module]) -> None:
                                    "a CUDA graph would run only at capture; use model.cuda_graphs=none with them")
 
 
-def warm_capture_stream(blocks, samples) -> None:
-    """One forward+backward of every block on the stream ``torch.cuda.graph`` captures on, before the capture.
-
-    Why: ``make_graphed_callables`` (torch <= 2.11) warms up on one side stream and captures on another (the
-    class-wide default capture stream). State that libraries create lazily per stream on first use (cuBLAS/
-    cuBLASLt workspaces) is then created inside the capture, where it is illegal: the first capture of a
-    process failed with "operation would make the legacy stream depend on a capturing blocking stream" and
-    every later one passed. Upstream's fix (torch 2.12, pytorch#187745) warms on the capture stream; this does
-    the same for every torch. ``torch.autograd.grad`` (not ``backward``): nothing reaches ``.grad``/main_grad."""
-    graph_cls = torch.cuda.graphs.graph
-    if graph_cls.default_capture_stream is None:
-        graph_cls.default_capture_stream = torch.cuda.Stream()
-    stream = graph_cls.default_capture_stream
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for block, args in zip(blocks, samples):
-            outs = [o for o in torch.utils._pytree.tree_leaves(block(*args))
-                    if isinstance(o, torch.Tensor) and o.requires_grad]
-            inputs = [a for a in args if a.requires_grad] + [p for p in block.parameters() if p.requires_grad]
-            torch.autograd.grad(outs, inputs, grad_outputs=[torch.zeros_like(o) for o in outs], allow_unused=True)
-    torch.cuda.current_stream().wait_stream(stream)
-
-
 class LayerGraphs:
     """The graphed blocks of one model chunk's layers, captured together on first use per input signature
     (shape, dtype, autocast); a new signature (another micro-batch size) captures another set."""
@@ -139,7 +116,6 @@ class LayerGraphs:
         # fresh block objects: make_graphed_callables replaces a module's forward, one signature each
         blocks = tuple(b.clone().train(True) for b in self.blocks)
         with torch.autocast(dev, dtype=dtype, enabled=ac, cache_enabled=False):
-            warm_capture_stream(blocks, samples)
             graphed = torch.cuda.make_graphed_callables(blocks, samples)
         return tuple(graphed)
 
