@@ -74,6 +74,13 @@ class MoEConfig:
     # Kernel backend for the grouped-expert path: auto | reference | torch | cuda | grouped_gemm | sm90
     # (sm90: engmoe's own Hopper grouped GEMM for the experts, docs/kernels-sm90.md; not chosen by auto).
     kernel_backend: str = "auto"
+    # Which library runs each expert GEMM kind of the cuda backend: auto (the measured plan; $ENGMOE_GEMM_PLAN
+    # if set), one of GEMM_LIBS, or "fwd,dgrad,wgrad" library names (engmoe.kernels.grouped.GemmPlan).
+    gemm_plan: str = "auto"
+    # With gradient-accumulation fusion, how the experts' weight gradients reach fp32 main_grad: auto (the
+    # backend's default, grouped; sm90 on the sm90 backend; $ENGMOE_EXPERT_WGRAD_ACCUM if set), loop (per-expert
+    # cuBLAS, beta = 1), grouped (one torch._grouped_mm, fp32 out, + add_), sm90 (engmoe's GEMM, fp32 epilogue).
+    expert_wgrad_accum: str = "auto"
     # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the top-k choice only,
     # moved by rate·sign(mean load − load) after every optimizer step (engmoe.model.moe.balancing). 0 = off.
     expert_bias_update_rate: float = 0.0
@@ -97,11 +104,19 @@ class MoEConfig:
                "must be >= 0")
         _check(self.kernel_backend in KERNEL_BACKENDS, f"{where}.kernel_backend",
                f"must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        parts = [p.strip() for p in self.gemm_plan.split(",")]
+        _check(self.gemm_plan == "auto" or (len(parts) in (1, 3) and all(p in GEMM_LIBS for p in parts)),
+               f"{where}.gemm_plan", f"must be auto, one of {GEMM_LIBS} or three of them comma-separated "
+               f"(fwd,dgrad,wgrad), got {self.gemm_plan!r}")
+        _check(self.expert_wgrad_accum in EXPERT_WGRAD_ACCUMS, f"{where}.expert_wgrad_accum",
+               f"must be one of {EXPERT_WGRAD_ACCUMS}, got {self.expert_wgrad_accum!r}")
         _check(math.isfinite(self.expert_bias_update_rate) and self.expert_bias_update_rate >= 0,
                f"{where}.expert_bias_update_rate", f"must be >= 0 (0 = off), got {self.expert_bias_update_rate}")
 
 
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "grouped_gemm", "sm90")
+GEMM_LIBS = ("torch", "grouped_gemm", "sm90")  # engmoe.kernels.grouped.LIBS (a test keeps the two equal)
+EXPERT_WGRAD_ACCUMS = ("auto", "loop", "grouped", "sm90")  # auto + engmoe.kernels.grouped.EXPERT_WGRAD_ACCUM
 CUDA_GRAPH_MODES = ("none", "attention", "attention_router")  # engmoe.model.cuda_graphs
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash", "naive")
 

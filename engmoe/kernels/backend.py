@@ -97,7 +97,11 @@ def _grouped_gemm_kernels(wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> MoEK
 
 
 
-def _wgrad_accum(default: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> str:
+def _wgrad_accum(setting: str, default: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> str:
+    """``model.moe.expert_wgrad_accum`` resolved: a named strategy as is; ``auto``: the environment's, else
+    ``default`` (the backend's)."""
+    if setting != "auto":
+        return setting
     return os.environ.get("ENGMOE_EXPERT_WGRAD_ACCUM", default)
 
 
@@ -139,12 +143,14 @@ def available_backends() -> list[str]:
     return [n for n in BACKENDS if _usable(n)]
 
 
-def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None) -> MoEKernels:
-    """The kernels for backend ``name``; an explicitly named backend that cannot run here is an error."""
+def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None, wgrad_accum: str = "auto") -> MoEKernels:
+    """The kernels for backend ``name``; an explicitly named backend that cannot run here is an error.
+    ``gemm_plan`` (the cuda backend's; None or "auto": ``$ENGMOE_GEMM_PLAN``, else ``DEFAULT_GEMM_PLAN``) and
+    ``wgrad_accum`` are ``model.moe.gemm_plan`` / ``model.moe.expert_wgrad_accum``."""
     if name == "auto":
         for cand in AUTO_ORDER:
             if _usable(cand):
-                return get_moe_kernels(cand, gemm_plan)
+                return get_moe_kernels(cand, gemm_plan, wgrad_accum)
         return REFERENCE
     if name not in BACKENDS:
         raise RuntimeError(f"unknown kernel backend {name!r} (known: {', '.join(BACKENDS)}, auto)")
@@ -161,7 +167,9 @@ def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None) -> MoEKern
     if name == "torch":
         return TORCH
     if name == "grouped_gemm":
-        return _grouped_gemm_kernels(_wgrad_accum())
+        return _grouped_gemm_kernels(_wgrad_accum(wgrad_accum))
     if name == "sm90":
-        return _sm90_kernels(_wgrad_accum("sm90"))
-    return _cuda_kernels(gemm_plan or os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN), _wgrad_accum())
+        return _sm90_kernels(_wgrad_accum(wgrad_accum, "sm90"))
+    if gemm_plan in (None, "auto"):
+        gemm_plan = os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN)
+    return _cuda_kernels(gemm_plan, _wgrad_accum(wgrad_accum))
