@@ -42,12 +42,16 @@ BUILD_HINT = "build it with `python -m engmoe.kernels.build_sm90` (needs nvcc an
 _MAX_ROWS = 2 ** 31 - 1
 
 
+_DEFAULT_PATHS = (_REPO / "build" / "sm90" / LIB_NAME, Path(__file__).resolve().parent / LIB_NAME)
+
+
 def library_paths() -> list[Path]:
-    """Where the library is looked for, in order (``$ENGMOE_SM90_LIB`` alone when set)."""
+    """Where the library is looked for, in order (``$ENGMOE_SM90_LIB`` alone when set). Asked on every GEMM call
+    (through :func:`library`), so the default paths are resolved once, at import."""
     env = os.environ.get(LIB_ENV)
     if env:
         return [Path(env)]
-    return [_REPO / "build" / "sm90" / LIB_NAME, Path(__file__).resolve().parent / LIB_NAME]
+    return list(_DEFAULT_PATHS)
 
 
 def _bind(lib: ctypes.CDLL) -> None:
