@@ -104,7 +104,11 @@ class Trainer:
         self.expert_load = ExpertLoadTracker(self.moe_layers(), cfg.model.num_layers, cfg.model.moe.num_experts,
                                              self.device)
         self._last_heatmap_step = 0
-        self._stop_signal = False
+        # SIGTERM: the handler only ever sets _sigterm_received; the step-boundary agreement goes to
+        # _stop_agreed. One variable for both lost a signal that landed inside the agreement's all-reduce
+        # (the assignment of the agreed "no" overwrote the handler's "yes"; the run then trained on).
+        self._sigterm_received = False
+        self._stop_agreed = False
         self.async_queue = None
         if cfg.stage.async_save and cfg.stage.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -326,7 +330,7 @@ class Trainer:
             self._last_heatmap_step = step
 
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = True
+        self._sigterm_received = True
 
     def _agree_stop(self, local: bool) -> bool:
         """Every rank stops at the same step boundary if any rank got SIGTERM (signals reach nodes apart)."""
@@ -380,16 +384,16 @@ class Trainer:
                     self.log(f"step {st.step:>6} | validation loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
                     self.tb.log({"valid_loss": valid, "valid_ppl": math.exp(min(valid, 50))}, st.step)
             self.finalize_saves(blocking=False)
-            self._stop_signal = self._agree_stop(self._stop_signal)
-            stop_now = self._stop_signal or (self.exit_after is not None and steps_this_run >= self.exit_after)
+            self._stop_agreed = self._agree_stop(self._sigterm_received)
+            stop_now = self._stop_agreed or (self.exit_after is not None and steps_this_run >= self.exit_after)
             if cfg.stage.save and (st.step % cfg.stage.save_interval == 0 or last or stop_now):
                 self.save()
             if stop_now:
-                self.log(f"stopping at step {st.step} ({'SIGTERM' if self._stop_signal else '--exit-after'})")
+                self.log(f"stopping at step {st.step} ({'SIGTERM' if self._stop_agreed else '--exit-after'})")
                 break
         self.finalize_saves(blocking=True)
         self.optimizer.finish_param_sync()  # the caller may read the parameters (overlap_param_gather)
-        if self._stop_signal:
+        if self._stop_agreed:
             from engmoe.elastic import mark_clean_preemption
 
             saved = ckpt.find_checkpoint(self.save_dir, required=False) if cfg.stage.save else None
