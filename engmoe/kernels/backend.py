@@ -106,18 +106,11 @@ def _wgrad_accum(setting: str, default: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> str
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_kernels(plan_spec: str, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> MoEKernels:
+def _cuda_kernels(plan_spec: str, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM, name: str = "cuda") -> MoEKernels:
+    """engmoe._C's dispatch ops with the expert GEMMs of ``plan_spec``; ``name="sm90"`` is the sm90 backend
+    (the same ops, plan "sm90", which resolves to itself where that backend is usable)."""
     plan = GemmPlan.parse(plan_spec).resolved()
-    return MoEKernels("cuda", cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
-                      grouped.make_grouped_mlp(plan, cuda_ops.swiglu, wgrad_accum), cuda_ops.router_topk,
-                      cuda_ops.router_logits)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm90_kernels(wgrad_accum: str = "sm90") -> MoEKernels:
-    # the cuda backend's dispatch ops (own kernels where engmoe._C is loaded, the reference otherwise)
-    plan = GemmPlan.parse("sm90")
-    return MoEKernels("sm90", cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
+    return MoEKernels(name, cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
                       grouped.make_grouped_mlp(plan, cuda_ops.swiglu, wgrad_accum), cuda_ops.router_topk,
                       cuda_ops.router_logits)
 
@@ -169,7 +162,7 @@ def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None, wgrad_accu
     if name == "grouped_gemm":
         return _grouped_gemm_kernels(_wgrad_accum(wgrad_accum))
     if name == "sm90":
-        return _sm90_kernels(_wgrad_accum(wgrad_accum, "sm90"))
+        return _cuda_kernels("sm90", _wgrad_accum(wgrad_accum, "sm90"), name="sm90")
     if gemm_plan in (None, "auto"):
         gemm_plan = os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN)
     return _cuda_kernels(gemm_plan, _wgrad_accum(wgrad_accum))

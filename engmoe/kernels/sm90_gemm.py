@@ -275,20 +275,26 @@ def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.T
         raise RuntimeError(f"engmoe sm90 {kind} failed ({rc}): {lib.engmoe_sm90_last_error().decode()}")
 
 
-def grouped_mm_checked(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, kind: str) -> torch.Tensor:
-    """The ``sm90_grouped_mm`` op's body for operands that passed :func:`check`, called directly in eager mode
-    (no dispatcher round trip, no second check); ``torch.compile`` and ``opcheck`` go through the op."""
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, kind: str, config: int,
+                checked: bool) -> torch.Tensor:
     out = torch.empty(out_shape(kind, a, b, counts), dtype=torch.bfloat16, device=a.device)
-    if a.shape[0] == 0:
+    if a.shape[0] == 0:  # nothing to multiply (and nothing the kernel could take a pointer of)
         return out.zero_() if kind == "wgrad" else out
-    _launch(kind, -1, a, b, out, counts, checked=True)
+    _launch(kind, config, a, b, out, counts, checked)
     return out
 
 
-def wgrad_accum_checked(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> None:
-    """The ``sm90_grouped_wgrad_accum_`` op's body for checked operands (see :func:`grouped_mm_checked`)."""
+def grouped_mm_checked(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, kind: str) -> torch.Tensor:
+    """The ``sm90_grouped_mm`` op's body for operands that passed :func:`check`, called directly in eager mode
+    (no dispatcher round trip, no second check); ``torch.compile`` and ``opcheck`` go through the op."""
+    return _grouped_mm(a, b, counts, kind, -1, checked=True)
+
+
+def wgrad_accum_checked(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor,
+                        config: int = -1, checked: bool = True) -> None:
+    """The ``sm90_grouped_wgrad_accum_`` op's body; called directly (checked operands) in eager mode."""
     if x.shape[0]:
-        _launch("wgrad_accum", -1, x, dy, main_grad, counts, checked=True)
+        _launch("wgrad_accum", config, x, dy, main_grad, counts, checked)
 
 
 @torch.library.custom_op("engmoe::sm90_grouped_mm", mutates_args=())
@@ -297,11 +303,7 @@ def sm90_grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, kind
     """Grouped ``fwd``/``dgrad``/``wgrad`` GEMM of the experts (module docstring), bf16 out."""
     if kind not in ("fwd", "dgrad", "wgrad"):
         raise ValueError(f"sm90_grouped_mm: kind {kind!r} (fwd, dgrad, wgrad; wgrad_accum has its own op)")
-    out = torch.empty(out_shape(kind, a, b, counts), dtype=torch.bfloat16, device=a.device)
-    if a.shape[0] == 0:  # nothing to multiply (and nothing the kernel could take a pointer of)
-        return out.zero_() if kind == "wgrad" else out
-    _launch(kind, config, a, b, out, counts)
-    return out
+    return _grouped_mm(a, b, counts, kind, config, checked=False)
 
 
 @sm90_grouped_mm.register_fake
@@ -313,9 +315,7 @@ def _(a, b, counts, kind, config=-1):
 def sm90_grouped_wgrad_accum_(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor,
                               config: int = -1) -> None:
     """``main_grad[e] += x_eᵀ @ dy_e`` (fp32 main_grad [E, K, N], bf16 x/dy): one launch, no host counts."""
-    if x.shape[0] == 0:
-        return
-    _launch("wgrad_accum", config, x, dy, main_grad, counts)
+    wgrad_accum_checked(main_grad, x, dy, counts, config, checked=False)
 
 
 @sm90_grouped_wgrad_accum_.register_fake
