@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -52,8 +53,6 @@ from engmoe.training.schedules import check_batch_schedule, global_batch_at, lr_
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss with nan_policy=stop, too many skipped steps)."""
-
-
 
 
 def resolve_param_dtype(stage, device: torch.device) -> torch.dtype:
@@ -312,8 +311,6 @@ class Trainer:
                      f"{self.save_dir / ckpt.LATEST} still names the previous checkpoint")
             if dist.get_rank() == 0:
                 for tmp in self.save_dir.glob("iter_*.tmp"):
-                    import shutil
-
                     shutil.rmtree(tmp, ignore_errors=True)
             dist.barrier()
 
