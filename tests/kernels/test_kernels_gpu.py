@@ -8,6 +8,7 @@ against the reference's autograd in float64.
 """
 import pytest
 import torch
+from layer_runs import forward_backward  # tests/kernels is on sys.path (rootdir-less import)
 
 from engmoe.kernels import cuda_ops, get_moe_kernels, grouped, reference
 
@@ -239,14 +240,7 @@ def test_moe_layer_cuda_backend_matches_reference_backend(dtype):
             p.copy_(q)
     assert layers["cuda"].kernels.name == "cuda"
     x = torch.randn(T, 1, H, device="cuda", dtype=dtype)
-    outs, grads = {}, {}
-    for b, layer in layers.items():
-        layer.train()
-        xi = x.clone().requires_grad_(True)
-        out = layer(xi)
-        out.float().pow(2).sum().backward()
-        outs[b] = out.detach()
-        grads[b] = [xi.grad] + [p.grad for p in layer.parameters()]
+    outs, grads = forward_backward(layers, x)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert _rel(outs["cuda"], outs["reference"]) < tol
     for a, r in zip(grads["cuda"], grads["reference"]):

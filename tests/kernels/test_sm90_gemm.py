@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_runs import forward_backward  # tests/kernels is on sys.path (rootdir-less import)
 
 from engmoe.kernels import grouped, reference, sm90_gemm
 
@@ -224,14 +225,7 @@ def test_moe_layer_sm90_backend_matches_reference_backend(top_k):
     layers = _layer_pair(torch.bfloat16, k=top_k)
     assert layers["sm90"].kernels.name == "sm90"
     x = torch.randn(203, 1, 64, device="cuda", dtype=torch.bfloat16)
-    outs, grads = {}, {}
-    for b, layer in layers.items():
-        layer.train()
-        xi = x.clone().requires_grad_(True)
-        out = layer(xi)
-        out.float().pow(2).sum().backward()
-        outs[b] = out.detach()
-        grads[b] = [xi.grad] + [p.grad for p in layer.parameters()]
+    outs, grads = forward_backward(layers, x)
     assert _rel(outs["sm90"], outs["reference"]) < 2e-2
     for a, r in zip(grads["sm90"], grads["reference"]):
         assert _rel(a, r) < 4e-2
