@@ -124,8 +124,8 @@ def _usable(name: str) -> bool:
         return grouped.grouped_gemm_usable()
     if name == "cuda":
         return cuda_ops.available()
-    if name == "sm90":
-        return sm90_gemm.usable()
+    if name == "sm90":  # the cuda backend's dispatch ops with sm90 GEMMs: needs engmoe._C as well
+        return cuda_ops.available() and sm90_gemm.usable()
     return False
 
 
@@ -152,7 +152,8 @@ def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None, wgrad_accu
             "torch": "needs torch._grouped_mm on a CUDA GPU with sm_90+",
             "grouped_gemm": "needs the grouped_gemm package and a CUDA GPU",
             "cuda": f"needs a CUDA GPU and the engmoe._C extension ({cuda_ops.load_error() or 'not built'})",
-            "sm90": f"needs an H100/H200 and libengmoe_sm90.so ({sm90_gemm.unusable_reason()})",
+            "sm90": f"needs an H100/H200, libengmoe_sm90.so ({sm90_gemm.unusable_reason() or 'usable'}) and the "
+                    f"engmoe._C extension ({cuda_ops.load_error() or ('loaded' if cuda_ops.available() else 'not built')})",
         }[name]
         raise RuntimeError(f"kernel backend {name!r} is not available here: {why} (available: {available_backends()})")
     if name == "reference":

@@ -148,3 +148,17 @@ def test_built_library_binds_without_a_gpu(monkeypatch):
     monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, "fwd=nope")
     with pytest.raises(ValueError, match="compiled ones"):
         sm90_gemm.default_config("fwd")
+
+
+def test_sm90_backend_needs_the_cuda_extension_too(monkeypatch):
+    """The sm90 backend is the cuda backend's dispatch ops (engmoe._C) with sm90 GEMMs: a usable library alone
+    must not make it usable, and the refusal names both parts."""
+    from engmoe.kernels import backend, cuda_ops
+
+    monkeypatch.setattr(sm90_gemm, "usable", lambda: True)
+    monkeypatch.setattr(cuda_ops, "available", lambda: False)
+    assert "sm90" not in backend.available_backends()
+    with pytest.raises(RuntimeError, match="engmoe._C"):
+        backend.get_moe_kernels("sm90")
+    monkeypatch.setattr(cuda_ops, "available", lambda: True)
+    assert "sm90" in backend.available_backends()
