@@ -12,10 +12,11 @@ namespace engmoe_sm90 {
 namespace {
 
 // Index 0 of each kind is its default (engmoe/kernels/sm90_gemm.py may pick another by name for benchmarking).
-const Config* const kFwd[] = {&kFwdCoop128x256, &kFwdPingpong128x128};
-const Config* const kDgrad[] = {&kDgradCoop128x256, &kDgradPingpong128x128};
+const Config* const kFwd[] = {&kFwdCoop128x256, &kFwdPingpong128x128, &kFwdCoop128x256C2x1};
+const Config* const kDgrad[] = {&kDgradCoop128x256, &kDgradPingpong128x128, &kDgradCoop128x256C2x1};
 const Config* const kWgrad[] = {&kWgradPingpong128x128};
-const Config* const kWgradAccum[] = {&kWgradAccumPingpong128x128, &kWgradAccumCoop128x256};
+const Config* const kWgradAccum[] = {&kWgradAccumPingpong128x128, &kWgradAccumCoop128x256, &kWgradAccumCoop128x256C2x1,
+                                     &kWgradAccumCoop128x256C1x2};
 
 struct Table {
   const Config* const* configs;

@@ -41,5 +41,9 @@ extern const Config kDgradPingpong128x128;
 extern const Config kWgradPingpong128x128;
 extern const Config kWgradAccumPingpong128x128;
 extern const Config kWgradAccumCoop128x256;
+extern const Config kFwdCoop128x256C2x1;
+extern const Config kDgradCoop128x256C2x1;
+extern const Config kWgradAccumCoop128x256C2x1;
+extern const Config kWgradAccumCoop128x256C1x2;
 
 }  // namespace engmoe_sm90

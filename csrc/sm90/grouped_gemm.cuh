@@ -107,13 +107,16 @@ __device__ __forceinline__ Stride leading_stride(int64_t ld) {
   return s;
 }
 
-template <int Kind, class TileShape_, class Schedule>
+using Cluster1x1 = cute::Shape<cute::_1, cute::_1, cute::_1>;
+
+// ClusterShape: 1x1 by default. A 2-CTA cluster multicasts the operand both CTAs share (2x1: the B tile, i.e. the
+// expert weight for fwd/dgrad) through TMA, halving its L2 reads, but rounds each group's tile count along the
+// cluster's mode up to even (up to one wasted tile per expert); which wins is measured (docs/kernels-sm90.md).
+template <int Kind, class TileShape_, class Schedule, class ClusterShape_ = Cluster1x1>
 struct GroupedGemm {
   using Traits = KindTraits<Kind>;
   using TileShape = TileShape_;
-  // 1x1 clusters: a 2-CTA cluster rounds every group's tile count up to even, which wastes up to one tile of
-  // compute per expert on variable row counts (more than multicast saves at these sizes).
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = ClusterShape_;
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
   using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
   using ElementC = typename Traits::ElementC;
@@ -412,10 +415,12 @@ int run_grouped(Problem const& p, std::string* error) {
   return ENGMOE_SM90_OK;
 }
 
-// Defines `const Config <symbol>` for one (kind, tile, schedule).
-#define ENGMOE_SM90_DEFINE_CONFIG(symbol, label, kind, tile, schedule)                                      \
+// Defines `const Config <symbol>` for one (kind, tile, schedule[, cluster]).
+#define ENGMOE_SM90_DEFINE_CONFIG(symbol, label, kind, tile, schedule) \
+  ENGMOE_SM90_DEFINE_CONFIG_CLUSTER(symbol, label, kind, tile, schedule, ::engmoe_sm90::Cluster1x1)
+#define ENGMOE_SM90_DEFINE_CONFIG_CLUSTER(symbol, label, kind, tile, schedule, cluster)                    \
   namespace {                                                                                              \
-  using symbol##_G = ::engmoe_sm90::GroupedGemm<kind, tile, schedule>;                                     \
+  using symbol##_G = ::engmoe_sm90::GroupedGemm<kind, tile, schedule, cluster>;                            \
   int64_t symbol##_ws(int groups, int sm_count) { return symbol##_G::workspace_bytes(groups, sm_count); } \
   int symbol##_run(::engmoe_sm90::Problem const& p, std::string* e) {                                      \
     return ::engmoe_sm90::run_grouped<kind, symbol##_G>(p, e);                                             \

@@ -79,7 +79,7 @@ def _run(kind, config, a, b, out, counts):
 
 
 @pytest.mark.parametrize("name,counts,K,N", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("config", [0, 1, 2])
 @pytest.mark.parametrize("counts_dtype", [torch.int64, torch.int32])
 def test_fwd_dgrad(name, counts, K, N, config, counts_dtype):
     for kind in ("fwd", "dgrad"):
