@@ -27,6 +27,13 @@ a ``.grad`` left from an earlier backward is refused at the next graphed forward
 capture runs under the caller's autocast dtype with the autocast weight cache off (a cached cast inside a graph
 would go stale); with bf16 parameters (the GPU default) there are no casts of parameters anyway.
 
+Capture stream: autograd runs a leaf parameter's gradient accumulation on the stream its ``AccumulateGrad`` node
+was created on. Megatron DDP creates (and holds) those nodes when it wraps the model, on the legacy default stream,
+so the backward capture would make the legacy stream wait on the capturing stream, which CUDA refuses ("operation
+would make the legacy stream depend on a capturing blocking stream"). ``pin_grad_accumulators`` (called by
+``engmoe.parallel.data_parallel`` before wrapping) creates the graphed parameters' nodes on the capture stream
+first; DDP's hooks then attach to those. Eagerly, the engine fences the accumulation on that stream with events.
+
 Gradient-accumulation fusion (``model.gradient_accumulation_fusion``) stays off for the graphed linears
 (``engmoe.parallel.grad_fusion`` skips modules marked ``cuda_graphed``): make_graphed_callables' warm-up
 backwards, on uninitialised output gradients, would add into main_grad, and the ``grad_added_to_main_grad`` flag
@@ -92,6 +99,25 @@ def check_no_module_hooks(blocks: list[nn.Module]) -> None:
                                    "a CUDA graph would run only at capture; use model.cuda_graphs=none with them")
 
 
+def capture_stream() -> "torch.cuda.Stream":
+    """The stream ``torch.cuda.graph`` captures on by default (so ``make_graphed_callables`` too), created here
+    if no capture has run yet."""
+    if torch.cuda.graph.default_capture_stream is None:
+        torch.cuda.graph.default_capture_stream = torch.cuda.Stream()
+    return torch.cuda.graph.default_capture_stream
+
+
+def pin_grad_accumulators(params) -> list:
+    """Create the ``AccumulateGrad`` node of every CUDA parameter in ``params`` on the capture stream and return
+    them: the caller keeps the list alive, so later ``expand_as(p).grad_fn.next_functions`` (megatron DDP's hook
+    registration) finds these nodes. Why: the module docstring, "Capture stream"."""
+    params = [p for p in params if p.is_cuda and p.requires_grad]
+    if not params:
+        return []
+    with torch.cuda.stream(capture_stream()):
+        return [p.expand_as(p).grad_fn.next_functions[0][0] for p in params]
+
+
 class LayerGraphs:
     """The graphed blocks of one model chunk's layers, captured together on first use per input signature
     (shape, dtype, autocast); a new signature (another micro-batch size) captures another set."""
@@ -99,6 +125,18 @@ class LayerGraphs:
     def __init__(self, blocks: list[AttentionBlock]):
         self.blocks = blocks
         self._graphed: dict[tuple, tuple] = {}  # input signature -> graphed callables, one per layer
+        self._grad_accumulators: list = []  # pin_grad_accumulators' nodes, kept alive
+
+    def pin_grad_accumulators(self) -> None:
+        """Before megatron DDP wraps the model: the graphed parameters' accumulation nodes on the capture
+        stream (module docstring, "Capture stream")."""
+        self._grad_accumulators = pin_grad_accumulators(p for b in self.blocks for p in b.parameters())
+
+    def release(self) -> None:
+        """Drop the captured graphs (their private memory pool) and the pinned nodes: a process that builds
+        another model afterwards (a benchmark's next variant) gets that memory back."""
+        self._graphed.clear()
+        self._grad_accumulators = []
 
     @staticmethod
     def signature(x: torch.Tensor, cos: torch.Tensor) -> tuple:

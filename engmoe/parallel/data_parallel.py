@@ -33,6 +33,9 @@ def wrap_data_parallel(models: list[nn.Module], parallel: ParallelConfig,
                   ps.get_expert_data_parallel_world_size()) > 1
     wrapped = []
     for i, model in enumerate(models):
+        graphs = getattr(model, "layer_graphs", None)
+        if graphs is not None:  # before DDP creates the accumulation nodes (engmoe.model.cuda_graphs)
+            graphs.pin_grad_accumulators()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=parallel.overlap_grad_reduce,

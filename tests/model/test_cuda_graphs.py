@@ -108,7 +108,8 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["attention", "attention_router"])
 def test_graphed_layers_match_eager_loss_and_grads(single_rank, mode):
     """Three micro-batches of forward+backward through a bf16 stack (gradients accumulated into fp32 main_grad
-    by hooks, as megatron DDP does), graphs on vs off, same weights; a .grad left over is refused."""
+    by hooks on held AccumulateGrad nodes, as megatron DDP does: without ``pin_grad_accumulators`` the backward
+    capture fails), graphs on vs off, same weights; a .grad left over is refused."""
     from engmoe.model import build_model_chunks
 
     def run(graphs):
@@ -119,9 +120,13 @@ def test_graphed_layers_match_eager_loss_and_grads(single_rank, mode):
             q.main_grad.add_(q.grad)
             q.grad = None
 
+        if model.layer_graphs is not None:  # as engmoe.parallel.data_parallel does before wrapping
+            model.layer_graphs.pin_grad_accumulators()
+        nodes = []  # megatron DDP's hook registration: it creates and holds every AccumulateGrad node up front
         for p in model.parameters():
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-            p.register_post_accumulate_grad_hook(to_main_grad)
+            nodes.append(p.expand_as(p).grad_fn.next_functions[0][0])
+            nodes[-1].register_hook(lambda *_, q=p: to_main_grad(q))
         g = torch.Generator().manual_seed(0)
         losses = []
         for _ in range(3):  # first call captures, the next ones replay
