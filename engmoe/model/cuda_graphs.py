@@ -34,11 +34,13 @@ would make the legacy stream depend on a capturing blocking stream"). ``pin_grad
 ``engmoe.parallel.data_parallel`` before wrapping) creates the graphed parameters' nodes on the capture stream
 first; DDP's hooks then attach to those. Eagerly, the engine fences the accumulation on that stream with events.
 
-Gradient-accumulation fusion (``model.gradient_accumulation_fusion``) stays off for the graphed linears
-(``engmoe.parallel.grad_fusion`` skips modules marked ``cuda_graphed``): make_graphed_callables' warm-up
-backwards, on uninitialised output gradients, would add into main_grad, and the ``grad_added_to_main_grad`` flag
-that tells DDP's hook to skip its add is set in Python, so only at capture. Their gradients take the unfused
-``main_grad += grad`` in DDP's hook; the experts (eager) stay fused.
+Gradient-accumulation fusion (``model.gradient_accumulation_fusion``) covers the graphed linears too: their
+wgrad GEMMs, captured, add into DDP's ``main_grad`` at its fixed address on every replay. Two things the
+capture alone would get wrong are handled here: make_graphed_callables' warm-up backwards (on uninitialised
+output gradients) would add into main_grad, so the fused weights' main_grad is saved and restored around the
+capture (``preserved_main_grads``); and the ``grad_added_to_main_grad`` flag that tells DDP's hook to skip its
+add is set by megatron's backward in Python, so at capture only (DDP clears it every step), so each graphed
+forward sets it (``LayerGraphs.__call__``).
 
 Where it falls back to the eager path (same math): CPU, evaluation / no-grad, document masks (packed data: the
 block mask is data-dependent) and context parallelism. Config checks refuse layouts where replaying one graph
@@ -47,7 +49,8 @@ graph's buffers) and tensor/sequence parallelism (collectives inside the block; 
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -118,6 +121,25 @@ def pin_grad_accumulators(params) -> list:
         return [p.expand_as(p).grad_fn.next_functions[0][0] for p in params]
 
 
+def fused_weights(block: nn.Module) -> list[torch.Tensor]:
+    """The weights in ``block`` whose weight-gradient GEMM adds into DDP's ``main_grad``
+    (``engmoe.parallel.grad_fusion`` set ``gradient_accumulation_fusion`` on their module)."""
+    return [m.weight for m in block.modules()
+            if getattr(m, "gradient_accumulation_fusion", False) and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and hasattr(m.weight, "main_grad")]
+
+
+@contextlib.contextmanager
+def preserved_main_grads(weights: list[torch.Tensor]) -> Iterator[None]:
+    """Restore these weights' ``main_grad`` on exit: the capture's warm-up backwards add garbage into it."""
+    saved = [w.main_grad.clone() for w in weights]
+    try:
+        yield
+    finally:
+        for w, s in zip(weights, saved):
+            w.main_grad.copy_(s)
+
+
 class LayerGraphs:
     """The graphed blocks of one model chunk's layers, captured together on first use per input signature
     (shape, dtype, autocast); a new signature (another micro-batch size) captures another set."""
@@ -126,6 +148,7 @@ class LayerGraphs:
         self.blocks = blocks
         self._graphed: dict[tuple, tuple] = {}  # input signature -> graphed callables, one per layer
         self._grad_accumulators: list = []  # pin_grad_accumulators' nodes, kept alive
+        self._fused: Optional[list[list[torch.Tensor]]] = None  # per layer: fused_weights, found at first capture
 
     def pin_grad_accumulators(self) -> None:
         """Before megatron DDP wraps the model: the graphed parameters' accumulation nodes on the capture
@@ -137,6 +160,7 @@ class LayerGraphs:
         another model afterwards (a benchmark's next variant) gets that memory back."""
         self._graphed.clear()
         self._grad_accumulators = []
+        self._fused = None
 
     @staticmethod
     def signature(x: torch.Tensor, cos: torch.Tensor) -> tuple:
@@ -153,8 +177,10 @@ class LayerGraphs:
         dtype = torch.get_autocast_dtype(dev)
         # fresh block objects: make_graphed_callables replaces a module's forward, one signature each
         blocks = tuple(b.clone().train(True) for b in self.blocks)
-        with torch.autocast(dev, dtype=dtype, enabled=ac, cache_enabled=False):
-            graphed = torch.cuda.make_graphed_callables(blocks, samples)
+        self._fused = [fused_weights(b) for b in self.blocks]
+        with preserved_main_grads([w for ws in self._fused for w in ws]):
+            with torch.autocast(dev, dtype=dtype, enabled=ac, cache_enabled=False):
+                graphed = torch.cuda.make_graphed_callables(blocks, samples)
         return tuple(graphed)
 
     def __call__(self, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -170,4 +196,6 @@ class LayerGraphs:
         graphed = self._graphed.get(key)
         if graphed is None:
             graphed = self._graphed[key] = self._capture(x, cos, sin)
+        for w in self._fused[index]:  # megatron's backward sets this only at capture; DDP clears it every step
+            w.grad_added_to_main_grad = True
         return graphed[index](x, cos, sin)

@@ -152,10 +152,6 @@ class EngMoEModel(nn.Module):
             AttentionBlock(layer.input_norm, layer.attention, layer.post_attention_norm,
                            layer.mlp.router if router else None, layer.mlp.kernels)
             for layer in self.layers]) if cfg.cuda_graphs != "none" else None
-        if self.layer_graphs is not None:  # engmoe.parallel.grad_fusion leaves these unfused (see cuda_graphs)
-            for block in self.layer_graphs.blocks:
-                for m in block.modules():
-                    m.cuda_graphed = True
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=params_dtype)
             if cfg.tie_embeddings and not pre_process:

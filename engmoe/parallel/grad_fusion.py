@@ -18,9 +18,8 @@ What is fused: every ColumnParallelLinear/RowParallelLinear owning its weight (a
 projection, the output layer) and the grouped experts (``GroupedExperts``, engmoe.kernels.grouped). Not
 fused: an output layer tied to the embedding (the weight also gets the lookup's gradient through autograd, which
 the placeholder contract would drop: megatron has the same restriction), the embedding lookup (no GEMM),
-the router (an ``[E, H]`` weight: its add pass is negligible) and norms; and the linears of a CUDA-graphed
-block (``model.cuda_graphs``, marked ``cuda_graphed``): the graph's warm-up backwards would add into main_grad,
-and the flag that tells DDP's hook to skip the add would be set only at capture.
+the router (an ``[E, H]`` weight: its add pass is negligible) and norms. The linears of a CUDA-graphed block
+(``model.cuda_graphs``) are fused too; what a capture needs for that is in engmoe.model.cuda_graphs.
 """
 from __future__ import annotations
 
@@ -68,8 +67,6 @@ def enable(models: list[nn.Module]) -> int:
     for model in models:
         module = getattr(model, "module", model)
         for m in module.modules():
-            if getattr(m, "cuda_graphed", False):
-                continue  # inside a CUDA-graphed block (model.cuda_graphs): see engmoe.model.cuda_graphs
             if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
                 w = getattr(m, "weight", None)  # None: a tied output layer (weight passed in at call time)
                 if w is not None and wgrad.can_fuse(w):

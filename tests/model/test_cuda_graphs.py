@@ -101,6 +101,43 @@ def test_module_hooks_inside_a_graphed_block_are_refused(single_rank):
         check_no_module_hooks(model.layer_graphs.blocks)
 
 
+def test_capture_keeps_main_grad_and_sets_the_skip_flag(single_rank, monkeypatch):
+    """Gradient-accumulation fusion inside graphs: the capture's warm-up backwards must not leave anything in
+    main_grad, and each graphed forward marks the fused weights ``grad_added_to_main_grad`` (megatron's backward,
+    which sets it, runs only at capture). The capture is faked on CPU: it runs a warm-up that adds into
+    main_grad, as make_graphed_callables' warm-up does through the fused GEMM, and returns the eager blocks."""
+    from engmoe.model import build_model_chunks
+    from engmoe.model.cuda_graphs import fused_weights
+
+    model = build_model_chunks(_cfg("attention", "model.moe.kernel_backend=reference").model, device="cpu")[0]
+    lg = model.layer_graphs
+    for layer in model.layers:  # what grad_fusion.enable and DDP leave on a fused linear
+        for lin in (layer.attention.linear_qkv, layer.attention.linear_proj):
+            lin.gradient_accumulation_fusion = True
+            lin.weight.main_grad = torch.full(lin.weight.shape, 3.0)
+            lin.weight.grad_added_to_main_grad = False
+    assert [len(fused_weights(b)) for b in lg.blocks] == [2, 2]
+
+    def fake_capture(blocks, samples):
+        for b in blocks:
+            for w in fused_weights(b):
+                w.main_grad.add_(float("nan"))  # the warm-up's garbage
+        return blocks
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    x = torch.randn(64, 2, model.layers[0].input_norm.weight.shape[0], requires_grad=True)
+    cos, sin = model.rotary(torch.arange(64).unsqueeze(0).expand(2, 64))
+    lg(1, x, cos, sin)
+    for layer in model.layers:
+        w = layer.attention.linear_qkv.weight
+        assert torch.equal(w.main_grad, torch.full(w.shape, 3.0))
+    assert model.layers[1].attention.linear_qkv.weight.grad_added_to_main_grad
+    assert not model.layers[0].attention.linear_qkv.weight.grad_added_to_main_grad  # layer 0 not run yet
+    assert lg._graphed and lg._grad_accumulators == []  # CPU parameters: nothing to pin
+    lg.release()  # a benchmark's next variant gets the graphs' memory back
+    assert not lg._graphed
+
+
 gpu = pytest.mark.gpu
 
 
@@ -165,6 +202,8 @@ def test_graphed_trainer_steps_match_eager(single_rank, tmp_path, mode):
             f"stage.save_dir={tmp_path / graphs}", "optimizer.warmup_steps=1"])
         trainer = Trainer(cfg, log=lambda *a, **k: None)
         out = [trainer.train_step() for _ in range(3)]
+        qkv = trainer.models[0].layers[0].attention.linear_qkv
+        assert qkv.gradient_accumulation_fusion == trainer.gradient_accumulation_fusion  # graphed linears fuse too
         return [m["lm_loss"] for m in out], [m["grad_norm"] for m in out]
 
     loss0, norm0 = steps("none")
