@@ -234,10 +234,14 @@ def run_variant(args, name: str, overrides: list[str], trace: str | None) -> dic
         print("  top operators (device time of the kernels they launch):")
         for row in result["top_ops"][:18]:
             print(f"    {row['ms_per_step']:8.2f} ms  x{row['calls_per_step']:<6.0f} {row['name'][:110]}")
+    for chunk in trainer.models:  # captured graphs hold a private memory pool (engmoe.model.cuda_graphs)
+        if getattr(chunk, "layer_graphs", None) is not None and hasattr(chunk.layer_graphs, "release"):
+            chunk.layer_graphs.release()
     del trainer
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+        print(f"after {name}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated", flush=True)
     return result
 
 
