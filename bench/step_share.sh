@@ -94,10 +94,25 @@ BEFORE_VARIANTS=${BEFORE_VARIANTS:-$D_BEFORE}  # the before tree has no force_ba
 MCORE_MB=${MCORE_MB:-$D_MB}
 MODEL=${MODEL:-ep4-share}  # MODEL=tiny EXTRA=data.seq_len=64 SKIP_BUILD=1: a CPU dry run of this script
 args() { for n in $1; do printf -- "--variant %s:stage.global_batch=32,%s%s " "$n" "${V[$n]}" "${EXTRA:+,$EXTRA}"; done; }
-profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants
-  (cd "$1" && PYTHONPATH=$1:/tmp/site timeout $(( $3 + 150 )) torchrun --nproc-per-node 1 --master-port $((29500 + RANDOM % 500)) \
-     bench/proxy_profile.py --model "$MODEL" --out "$OUT/$2.json" --time-budget "$3" $COMMON $(args "$4") 2>&1 \
-     | grep -v -i "warn" | tee "$OUT/$2.log" | grep -E "^===|^step |busy|Error|error" )
+profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants. One torchrun per variant: a variant's memory (CUDA
+  # graph pools, allocator caches, megatron's buffers) ends with its process, so the next one starts from an empty GPU
+  local t0 last=0 n spent tv; t0=$(date +%s); mkdir -p "$OUT/$2.parts"; : >"$OUT/$2.log"
+  for n in $4; do
+    spent=$(( $(date +%s) - t0 ))
+    if [ $(( spent + last )) -gt "$3" ]; then
+      echo "=== $n: skipped (time budget $3 s, $spent s spent)" | tee -a "$OUT/$2.log"
+      printf '[{"variant": "%s", "error": "skipped: time budget"}]' "$n" >"$OUT/$2.parts/$n.json"; continue
+    fi
+    tv=$(date +%s)
+    (cd "$1" && PYTHONPATH=$1:/tmp/site timeout $(( $3 - spent + 150 )) torchrun --nproc-per-node 1 \
+       --master-port $((29500 + RANDOM % 500)) bench/proxy_profile.py --model "$MODEL" --out "$OUT/$2.parts/$n.json" \
+       $COMMON $(args "$n") 2>&1 | grep -v -i "warn" | tee -a "$OUT/$2.log" | grep -E "^===|^step |busy|still|Error|error" )
+    [ -s "$OUT/$2.parts/$n.json" ] || printf '[{"variant": "%s", "error": "no result (process died)"}]' "$n" \
+      >"$OUT/$2.parts/$n.json"
+    last=$(( $(date +%s) - tv ))
+  done
+  python3 -c 'import json,sys; print(json.dumps([r for f in sys.argv[2:] for r in json.load(open(f))], indent=1))' \
+    _ $(for n in $4; do echo "$OUT/$2.parts/$n.json"; done) >"$OUT/$2.json"
 }
 
 # ---- before: the earlier tree runs its own model/trainer code (our harness: bench/proxy_profile.py) ----------------
