@@ -79,15 +79,21 @@ declare -A V=(
   [mock-mb2-graphs]="stage.micro_batch=2,model.cuda_graphs=attention"
   [mock-mb1-graphs-router]="stage.micro_batch=1,model.cuda_graphs=attention_router"
   [mock-mb2-graphs-router]="stage.micro_batch=2,model.cuda_graphs=attention_router"
+  [text-mb1-graphs]="stage.micro_batch=1,bench.data=text,model.cuda_graphs=attention"
+  [forced-mb2-graphs]="stage.micro_batch=2,model.moe.force_balanced_routing=true,model.cuda_graphs=attention"
+  [text-mb2-graphs]="stage.micro_batch=2,bench.data=text,model.cuda_graphs=attention"
+  [mock-mb1-graphs-accum-sm90]="stage.micro_batch=1,model.cuda_graphs=attention,model.moe.expert_wgrad_accum=sm90"
+  [mock-mb2-graphs-accum-sm90]="stage.micro_batch=2,model.cuda_graphs=attention,model.moe.expert_wgrad_accum=sm90"
+  [proxy-mb4-graphs]="bench.model=proxy,stage.micro_batch=4,model.cuda_graphs=attention"
   [proxy-mb2]="bench.model=proxy,stage.micro_batch=2"
   [proxy-mb4]="bench.model=proxy,stage.micro_batch=4"
   [proxy-mb2-graphs]="bench.model=proxy,stage.micro_batch=2,model.cuda_graphs=attention"
 )
 SET=${SET:-mb1}
 if [ "$SET" = mb2 ]; then
-  D_AFTER="forced-mb2 mock-mb2 text-mb2 mock-mb2-graphs proxy-mb4"; D_BEFORE="mock-mb2"; D_MB="2"
+  D_AFTER="forced-mb2-graphs mock-mb2-graphs text-mb2-graphs mock-mb2 proxy-mb4"; D_BEFORE="mock-mb2"; D_MB="2"
 else
-  D_AFTER="forced-mb1 mock-mb1 text-mb1 mock-mb1-graphs"; D_BEFORE="mock-mb1"; D_MB="1"
+  D_AFTER="forced-mb1-graphs mock-mb1-graphs text-mb1-graphs mock-mb1"; D_BEFORE="mock-mb1"; D_MB="1"
 fi
 AFTER_VARIANTS=${AFTER_VARIANTS:-$D_AFTER}
 BEFORE_VARIANTS=${BEFORE_VARIANTS:-$D_BEFORE}  # the before tree has no force_balanced_routing / cuda_graphs
