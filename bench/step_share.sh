@@ -12,7 +12,7 @@
 # without it the before part is skipped. TEXT: folder of bench/prepare_bench_text.py (real text in the Tekken
 # tokenizer; default data/bench-tekken). Each part runs under its own time budget (BUDGET_BEFORE, BUDGET_MCORE; the
 # after part gets the rest of TOTAL); a variant that would not fit is reported as skipped. AFTER_VARIANTS /
-# BEFORE_VARIANTS / MCORE_MB override the set; GPU_TESTS=1 runs the gpu-marked tests of this change first
+# BEFORE_VARIANTS / MCORE_MB / MCORE_STEPS override the set; GPU_TESTS=1 runs the gpu-marked tests of this change first
 # (GPU_TEST_FILES adds files), SKIP_MCORE=1 leaves the anchor out (diagnostic calls). Results: $OUT/{before,after,mcore}.json, logs, $OUT/table.txt.
 set -u
 cd "$(dirname "$0")/.."
@@ -143,7 +143,7 @@ if [ -n "${SKIP_MCORE:-}" ]; then
   echo "megatron-core anchor skipped: SKIP_MCORE is set"
 elif [ "$M" -gt 60 ]; then
   PYTHONPATH=/tmp/site:/tmp/site_gg timeout $(( M + 20 )) python3 .whl/mcore_gpt_step_anchor.py --core-attention sdpa \
-    --micro-batch $MCORE_MB --warmup 2 --steps 3 --time-budget "$M" --json "$OUT/mcore.json" >"$OUT/mcore.log" 2>&1
+    --micro-batch $MCORE_MB ${MCORE_STEPS:---warmup 2 --steps 3} --time-budget "$M" --json "$OUT/mcore.json" >"$OUT/mcore.log" 2>&1
   tail -6 "$OUT/mcore.log"
 else
   echo "megatron-core anchor skipped: ${M} s left"

@@ -24,6 +24,12 @@ def _pct(x):
     return f"{100 * x:5.1f}%" if isinstance(x, (int, float)) else "  n/a"
 
 
+def _same_shape(candidates, r: dict):
+    """The first before variant with r's model and micro-batch (the before tree lacks the newer switches)."""
+    return next((b for b in candidates if b.get("model") == r.get("model")
+                 and b.get("micro_batch") == r.get("micro_batch")), None)
+
+
 def main(folder: str) -> int:
     out = Path(folder)
     rows = []
@@ -52,13 +58,13 @@ def main(folder: str) -> int:
     after = {r["variant"]: r for p, r in rows if p == "after" and "step_ms" in r}
     before = {r["variant"]: r for p, r in rows if p == "before" and "step_ms" in r}
     mcore = {v.get("micro_batch"): v for v in (mc or {}).get("summary", []) if v.get("tokens_per_s")}
-    print("\nratios (tok/s): variant  after/before  after/megatron-core")
+    print("\nratios (tok/s): variant  after/before (before variant)  after/megatron-core")
     for name, r in after.items():
-        b = before.get(name)
+        b = before.get(name) or _same_shape(before.values(), r)  # e.g. after mock-mb1-graphs vs before mock-mb1
         m = mcore.get(r.get("micro_batch")) if r.get("model", "ep4-share") == "ep4-share" else None
         rb = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "n/a"
         rm = f"{r['tokens_per_s'] / m['tokens_per_s']:.2f}x" if m else "n/a"
-        print(f"  {name:<18} {rb:>8} {rm:>8}")
+        print(f"  {name:<18} {rb:>8} ({b['variant'] if b else '-'}) {rm:>8}")
     return 0
 
 
