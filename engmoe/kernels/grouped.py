@@ -280,10 +280,12 @@ def _accum_sm90(main_grad, x, dy, m):
 # is ``EXPERT_WGRAD_ACCUM["<name>"] = fn(main_grad [E, K, N] fp32, x [T, K], dy [T, N], meta)``; "sm90" is the
 # grouped GEMM with an accumulating fp32 epilogue (one launch, no host counts, no extra pass).
 EXPERT_WGRAD_ACCUM: dict[str, Callable] = {"loop": _accum_loop, "grouped": _accum_grouped, "sm90": _accum_sm90}
-# "grouped" by measurement (one H200, ep4-share, micro-batch 1 x 32, mock tokens, back-to-back calls on one
-# machine): loop 15,346 tok/s, grouped 21,113 tok/s. The loop's ~1.5k small per-expert GEMMs per micro-batch
-# (fp32 output) cost more than the add pass they save; a GEMM with an accumulating epilogue is the real fix.
-DEFAULT_EXPERT_WGRAD_ACCUM = "grouped"
+# "sm90" by measurement where it runs (H100/H200 with libengmoe_sm90.so), "grouped" elsewhere (resolve_accum):
+# one H200, ep4-share, micro-batch 1 x 32, CUDA graphs on, one call: the experts' add pass 504 -> 60 ms per step,
+# 22,629 tok/s (mock) vs grouped 21,650 (real text, same call) / 21,090 (mock, previous call); the GEMM alone
+# 1.751 -> 1.433 ms (up) and 0.981 -> 0.821 ms (down) at 8k tokens.
+# "loop" (~1.5k small per-expert GEMMs per micro-batch) measured slowest: 15,346 against grouped's 21,113.
+DEFAULT_EXPERT_WGRAD_ACCUM = "sm90"
 # backends whose expert GEMMs can accumulate into main_grad ("torch" stays plain PyTorch autograd)
 ACCUMULATING_BACKENDS = ("reference", "cuda", "grouped_gemm", "sm90")
 
@@ -310,6 +312,16 @@ class _GroupedLinearAccum(torch.autograd.Function):
         return dx, wgrad.placeholder_grad(w), None, None, None, None
 
 
+def resolve_accum(name: str) -> Callable:
+    """The strategy ``name`` where it runs here, else the next one that does: sm90 -> grouped -> loop."""
+    accum = EXPERT_WGRAD_ACCUM[name]
+    if accum is _accum_sm90 and not sm90_gemm.usable():
+        accum = _accum_grouped
+    if accum is _accum_grouped and not torch_grouped_mm_usable():
+        accum = _accum_loop
+    return accum
+
+
 def grouped_mlp_accumulating(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.nn.Parameter,
                              w2: torch.nn.Parameter, row_scale: torch.Tensor | None, kernels,
                              host_counts: list[int] | None = None) -> torch.Tensor:
@@ -324,12 +336,7 @@ def grouped_mlp_accumulating(x: torch.Tensor, tokens_per_expert: torch.Tensor, w
         fast = plan.usable()
     if fast:
         fwd, dgrad = _IMPL[(plan.fwd, "fwd")], _IMPL[(plan.dgrad, "dgrad")]
-        accum_name = getattr(kernels.grouped_mlp, "wgrad_accum", DEFAULT_EXPERT_WGRAD_ACCUM)
-        accum = EXPERT_WGRAD_ACCUM[accum_name]
-        if accum is _accum_sm90 and not sm90_gemm.usable():
-            accum = _accum_grouped
-        if accum is _accum_grouped and not torch_grouped_mm_usable():
-            accum = _accum_loop
+        accum = resolve_accum(getattr(kernels.grouped_mlp, "wgrad_accum", DEFAULT_EXPERT_WGRAD_ACCUM))
     else:
         fwd, dgrad, accum = _ref_fwd, _ref_dgrad, _accum_loop
     if accum is _accum_loop:

@@ -58,3 +58,17 @@ def test_moe_layer_passes_both_settings(monkeypatch):
                     gemm_plan="torch,sm90,sm90", expert_wgrad_accum="loop")
     layer_mod.MoELayer(16, moe, etp_group=None)
     assert seen == [("reference", "torch,sm90,sm90", "loop")]
+
+
+def test_default_wgrad_accum_falls_back_where_sm90_cannot_run(monkeypatch):
+    """The default (sm90, by measurement) must never fail on a machine without it: sm90 -> grouped -> loop."""
+    assert grouped.DEFAULT_EXPERT_WGRAD_ACCUM == "sm90"
+    monkeypatch.setattr(grouped.sm90_gemm, "usable", lambda: True)
+    assert grouped.resolve_accum("sm90") is grouped._accum_sm90
+    monkeypatch.setattr(grouped.sm90_gemm, "usable", lambda: False)
+    monkeypatch.setattr(grouped, "torch_grouped_mm_usable", lambda: True)
+    assert grouped.resolve_accum("sm90") is grouped._accum_grouped
+    monkeypatch.setattr(grouped, "torch_grouped_mm_usable", lambda: False)
+    assert grouped.resolve_accum("sm90") is grouped._accum_loop
+    assert grouped.resolve_accum("grouped") is grouped._accum_loop
+    assert grouped.resolve_accum("loop") is grouped._accum_loop
