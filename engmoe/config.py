@@ -77,8 +77,8 @@ class MoEConfig:
     # Which library runs each expert GEMM kind of the cuda backend: auto (the measured plan; $ENGMOE_GEMM_PLAN
     # if set), one of GEMM_LIBS, or "fwd,dgrad,wgrad" library names (engmoe.kernels.grouped.GemmPlan).
     gemm_plan: str = "auto"
-    # With gradient-accumulation fusion, how the experts' weight gradients reach fp32 main_grad: auto (the
-    # backend's default, grouped; sm90 on the sm90 backend; $ENGMOE_EXPERT_WGRAD_ACCUM if set), loop (per-expert
+    # With gradient-accumulation fusion, how the experts' weight gradients reach fp32 main_grad: auto
+    # ($ENGMOE_EXPERT_WGRAD_ACCUM if set, else sm90 where it runs, then grouped, then loop), loop (per-expert
     # cuBLAS, beta = 1), grouped (one torch._grouped_mm, fp32 out, + add_), sm90 (engmoe's GEMM, fp32 epilogue).
     expert_wgrad_accum: str = "auto"
     # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the top-k choice only,

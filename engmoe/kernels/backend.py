@@ -54,7 +54,8 @@ GemmPlan = grouped.GemmPlan
 # With gradient-accumulation fusion (model.gradient_accumulation_fusion), how the ``cuda``/``grouped_gemm``
 # backends add the experts' weight gradients into fp32 main_grad; override with ENGMOE_EXPERT_WGRAD_ACCUM
 # ("loop": per-expert cuBLAS GEMMs with fp32 output and beta = 1, the add pass gone; "grouped": one
-# torch._grouped_mm with fp32 output plus an in-place add). See engmoe/kernels/grouped.py.
+# torch._grouped_mm with fp32 output plus an in-place add; "sm90", the default where it runs: engmoe's grouped
+# GEMM with an accumulating fp32 epilogue). See engmoe/kernels/grouped.py (resolve_accum).
 DEFAULT_EXPERT_WGRAD_ACCUM = grouped.DEFAULT_EXPERT_WGRAD_ACCUM
 
 
