@@ -31,17 +31,46 @@ from engmoe.config import MoEConfig  # noqa: E402
 from engmoe.kernels import available_backends, cuda_ops, get_moe_kernels, grouped, reference  # noqa: E402
 from engmoe.model.moe import MoELayer  # noqa: E402
 
+_SLEEP_CYCLES_PER_MS: float | None = None
 
-def timed(fn, iters=10, warm=3, inner=1):
+
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond, measured once (the SM clock varies by part)."""
+    global _SLEEP_CYCLES_PER_MS
+    if _SLEEP_CYCLES_PER_MS is None:
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles // 10)  # wake the clock
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        torch.cuda._sleep(cycles)
+        e.record()
+        torch.cuda.synchronize()
+        _SLEEP_CYCLES_PER_MS = cycles / max(s.elapsed_time(e), 1e-3)
+    return _SLEEP_CYCLES_PER_MS
+
+
+def timed(fn, iters=10, warm=3, inner=1, hold=False):
     """Median milliseconds of ``fn`` by CUDA events. Each sample runs ``fn`` ``inner`` times between its two
-    events (so that the host's launch latency of a small op does not count as device time) and is
-    synchronised; samples are sorted and the median returned."""
+    events and is synchronised; samples are sorted and the median returned.
+
+    ``hold``: a sleep kernel runs before each sample's start event, longer than the host takes to enqueue the
+    sample (measured in the warm-up), so the events bracket device time only. Without it the first call's host
+    latency counts too: a kernel whose Python wrapper costs 0.3 ms looked 10-15 % slower than torch's own
+    kernel at 2 calls of ~1 ms (docs/kernels-sm90.md, "Timing"). Layer benchmarks keep ``hold=False``: their
+    anchors time the same way (host latency in)."""
+    host_s = 0.0
     for _ in range(warm):
-        fn()
+        t0 = time.perf_counter()
+        for _ in range(inner if hold else 1):
+            fn()
+        host_s = time.perf_counter() - t0
     torch.cuda.synchronize()
+    hold_ms = max(1.0, 3e3 * host_s)
     ts = []
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hold:
+            torch.cuda._sleep(int(hold_ms * _sleep_cycles_per_ms()))
         s.record()
         for _ in range(inner):
             fn()
