@@ -32,6 +32,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _auto_name(kind: str, cols: int) -> str:
+    """The configuration a ``config=-1`` call runs for a GEMM writing ``cols`` output columns."""
+    return sm90_gemm.configs(kind)[sm90_gemm.default_config(kind, cols)]
+
+
 def bench_at(T: int, E: int, args, res: dict) -> list[str]:
     H, F, k = args.hidden, args.ffn, args.topk
     M = T * k
@@ -65,7 +70,7 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
         flops = 2 * m * kk * n
         row = {}
         for lib in libs:
-            row[lib] = timed(lambda: grouped._IMPL[(lib, kind)](A, B, meta), iters=args.iters, warm=3, inner=2)
+            row[lib] = timed(lambda: grouped._IMPL[(lib, kind)](A, B, meta), iters=args.iters, warm=3, inner=2, hold=True)
         want = grouped._IMPL[("torch", kind)](A, B, meta) if "torch" in libs else None
         for ci, cname in enumerate(sm90_gemm.configs(kind)):
             key = f"sm90:{cname}"
@@ -74,25 +79,28 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
                 if want is not None:
                     res[f"{name}_{key}_{tag}_relerr_vs_torch"] = _rel(out, want)
                 row[key] = timed(lambda: torch.ops.engmoe.sm90_grouped_mm(A, B, counts, kind, ci), iters=args.iters,
-                                 warm=3, inner=2)
+                                 warm=3, inner=2, hold=True)
             except RuntimeError as e:
                 print(f"{name} {key} {tag}: FAILED {e}", flush=True)
                 res[f"{name}_{key}_{tag}_error"] = str(e)
         DA = torch.randn(m, kk, device="cuda").bfloat16()
         DB = torch.randn(kk, n, device="cuda").bfloat16()
-        row["dense"] = timed(lambda: DA @ DB, iters=args.iters, warm=3, inner=2)
+        row["dense"] = timed(lambda: DA @ DB, iters=args.iters, warm=3, inner=2, hold=True)
         for lib, ms in row.items():
             res[f"{name}_{lib}_{tag}_ms"] = ms
             totals[lib] = totals.get(lib, 0.0) + ms
             counted[lib] = counted.get(lib, 0) + 1
         sm90_best = min((v for k_, v in row.items() if k_.startswith("sm90:")), default=float("nan"))
-        totals["sm90:best"] = totals.get("sm90:best", 0.0) + sm90_best
-        counted["sm90:best"] = counted.get("sm90:best", 0) + 1
+        auto = _auto_name(kind, n)  # the dense shape's n is the output width
+        res[f"{name}_sm90_auto_{tag}"] = auto
+        for key, ms in (("sm90:best", sm90_best), ("sm90:auto", row.get(f"sm90:{auto}", float("nan")))):
+            totals[key] = totals.get(key, 0.0) + ms
+            counted[key] = counted.get(key, 0) + 1
         cells = "  ".join(f"{lib} {flops / ms / 1e9:5.0f}" for lib, ms in row.items())
         suffix = f"_{tag}_relerr_vs_torch"
         errs = " ".join(f"{v:.1e}" for k_, v in res.items() if k_.startswith(f"{name}_sm90") and k_.endswith(suffix))
         lines.append(f"{tag:12s} {name:7s} TFLOP/s: {cells}  | sm90 best = {100 * row['dense'] / sm90_best:5.1f}% "
-                     f"of dense; relerr vs torch {errs}")
+                     f"of dense; default {auto}; relerr vs torch {errs}")
         print(lines[-1], flush=True)
     total_flops = 18 * M * H * F
     for lib, ms in totals.items():
@@ -121,14 +129,16 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
                     res[f"{name}_{key}_{tag}_relerr_vs_torch"] = _rel(mg, want)
                 del mg
                 row[key] = timed(lambda: torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, A, B, counts, ci),
-                                 iters=args.iters, warm=3, inner=2)
+                                 iters=args.iters, warm=3, inner=2, hold=True)
             except RuntimeError as e:
                 print(f"{name} {key} {tag}: FAILED {e}", flush=True)
                 res[f"{name}_{key}_{tag}_error"] = str(e)
         for lib, ms in row.items():
             res[f"{name}_{lib}_{tag}_ms"] = ms
         cells = "  ".join(f"{lib} {ms:6.3f} ms ({flops / ms / 1e9:4.0f} TFLOP/s)" for lib, ms in row.items())
-        lines.append(f"{tag:12s} {name:7s} main_grad += xᵀdy: {cells}")
+        auto = sm90_gemm.configs("wgrad_accum")[sm90_gemm.default_config("wgrad_accum", N)]
+        res[f"{name}_sm90_auto_{tag}"] = auto
+        lines.append(f"{tag:12s} {name:7s} main_grad += xᵀdy: {cells}  | default {auto}")
         print(lines[-1], flush=True)
     return lines
 

@@ -45,5 +45,10 @@ extern const Config kFwdCoop128x256C2x1;
 extern const Config kDgradCoop128x256C2x1;
 extern const Config kWgradAccumCoop128x256C2x1;
 extern const Config kWgradAccumCoop128x256C1x2;
+extern const Config kFwdCoop256x128;
+// dgrad tiles whose N fits the expert widths (2880: exactly; 1080: 40 columns over; docs/kernels-sm90.md)
+extern const Config kDgradCoop128x240;
+extern const Config kDgradCoop128x224;
+extern const Config kDgradCoop128x240C2x1;
 
 }  // namespace engmoe_sm90

@@ -20,8 +20,9 @@ Library lookup: ``$ENGMOE_SM90_LIB``, else ``build/sm90/libengmoe_sm90.so`` of t
 setup.py put next to this file. A missing or stale library makes :func:`usable` False with the reason in
 :func:`unusable_reason`; importing this module never fails.
 
-``config``: -1 is the kind's default; ``ENGMOE_SM90_CONFIGS="fwd=pingpong_128x128x64,wgrad_accum=..."`` overrides
-the defaults by name (for benchmarks; :func:`configs` lists the compiled ones).
+``config``: -1 is the kind's default for the call's output width (the tile that fits it best, :func:`default_config`);
+``ENGMOE_SM90_CONFIGS="fwd=pingpong_128x128x64,wgrad_accum=..."`` overrides the defaults by name (for benchmarks;
+:func:`configs` lists the compiled ones).
 """
 from __future__ import annotations
 
@@ -152,10 +153,11 @@ def _env_defaults(spec: str) -> dict[str, int]:
     return out
 
 
-# Defaults other than config 0, by measurement (bench/sm90_gemm.py, one H200, 16 experts x top-8, 2880/1080):
-# the accumulating wgrad at 8k / 32k tokens, cooperative 128x256 525 / 592 TFLOP/s vs ping-pong 128x128 481 / 377
-# (and torch._grouped_mm fp32-out + add_ 504 / 538).
-MEASURED_DEFAULTS = {"wgrad_accum": "cooperative_128x256x64"}
+# Defaults other than config 0, by measurement (bench/sm90_gemm.py, one H200, 16 experts x top-8, 2880/1080, device
+# time with the stream held, 2026-12-03): fwd at 8k / 32k tokens, cooperative 128x256 with a 2x1 cluster 718 / 581
+# (up) and 646 / 577 (down) TFLOP/s vs 684 / 571 and 638 / 577 without (torch._grouped_mm 720 / 607, 647 / 565);
+# the accumulating wgrad cooperative 128x256 593 / 614 (up) vs ping-pong 503 / 407 (torch fp32-out + add_ 515 / 572).
+MEASURED_DEFAULTS = {"fwd": "cooperative_128x256x64_c2x1", "wgrad_accum": "cooperative_128x256x64"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,11 +166,59 @@ def _measured_default(kind: str) -> int:
     return configs(kind).index(name) if name in configs(kind) else 0
 
 
-def default_config(kind: str) -> int:
+# Tiles that fit (docs/kernels-sm90.md): an output width that the tile's N does not divide pays for the padded
+# columns of its last tile column in every row tile (1080 on 256-wide tiles computes 1280 columns), so where the
+# output width is known the default is the candidate with the fewest padded columns; ties go to the earlier name.
+# dgrad only: it reads the weight K-contiguous, so any N that is a multiple of 8 keeps the 128-byte swizzle (at 8k
+# tokens 224 runs the 1080-wide dgrad at 666 TFLOP/s against 616 for 256 with a 2x1 cluster and 597 for torch).
+# fwd and wgrad_accum read their B operand N-contiguous, where an N that is not a multiple of 64 falls back to a
+# narrower swizzle: 240 ran them at 370-650 TFLOP/s against 640-720 for 256, so they keep MEASURED_DEFAULTS.
+# Only compiled names count (an older library keeps its defaults).
+FIT_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "dgrad": ("cooperative_128x256x64_c2x1", "cooperative_128x240x64_c2x1", "cooperative_128x224x64"),
+}
+
+
+def tile_n(name: str) -> int:
+    """The N of a configuration's tile, from its name (``cooperative_128x240x64_c2x1`` -> 240)."""
+    for part in name.split("_"):
+        dims = part.split("x")
+        if len(dims) == 3 and all(d.isdigit() for d in dims):
+            return int(dims[1])
+    raise ValueError(f"sm90 config name {name!r} has no MxNxK tile")
+
+
+def padded_columns(cols: int, n_tile: int) -> int:
+    """Columns a tile width of ``n_tile`` computes past ``cols`` (the last tile column's waste)."""
+    return -cols % n_tile
+
+
+def fit_config(names: list[str], candidates: tuple[str, ...], cols: int) -> str | None:
+    """The candidate among ``names`` (compiled) with the fewest padded columns at output width ``cols``."""
+    present = [c for c in candidates if c in names]
+    return min(present, key=lambda c: (padded_columns(cols, tile_n(c)), present.index(c))) if present else None
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_default(kind: str, cols: int) -> int:
+    names = configs(kind)
+    name = fit_config(names, FIT_CANDIDATES.get(kind, ()), cols)
+    return names.index(name) if name is not None else _measured_default(kind)
+
+
+def out_cols(kind: str, k: int, n: int) -> int:
+    """The output width the tile's N runs over, in the weight's [K, N] terms (dgrad writes [rows, K])."""
+    return k if kind == "dgrad" else n
+
+
+def default_config(kind: str, cols: int | None = None) -> int:
     """The config a call with ``config=-1`` runs: ``ENGMOE_SM90_CONFIGS`` if it names ``kind``, else the
-    measured default (``MEASURED_DEFAULTS``), else 0."""
+    best-fitting tile for output width ``cols`` (``FIT_CANDIDATES``), else the measured default
+    (``MEASURED_DEFAULTS``), else 0."""
     env = _env_defaults(os.environ.get(CONFIGS_ENV, ""))
-    return env[kind] if kind in env else _measured_default(kind)
+    if kind in env:
+        return env[kind]
+    return _fit_default(kind, cols) if cols is not None else _measured_default(kind)
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,11 +309,11 @@ def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.T
         if why is not None:
             raise RuntimeError(f"engmoe sm90 {kind}: {why}")
     lib = library()
-    config = default_config(kind) if config < 0 else config
+    rows, k, n, _ = _dims(kind, a, b, counts)
+    config = default_config(kind, out_cols(kind, k, n)) if config < 0 else config
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     sms = _sm_count(device)
     groups = counts.shape[0]
-    rows, k, n, _ = _dims(kind, a, b, counts)
     ws_bytes = workspace_bytes(kind, config, groups, sms)
     # from torch's caching allocator: freed (stream-ordered) after the call, captured with a CUDA graph
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=a.device)

@@ -162,3 +162,39 @@ def test_sm90_backend_needs_the_cuda_extension_too(monkeypatch):
         backend.get_moe_kernels("sm90")
     monkeypatch.setattr(cuda_ops, "available", lambda: True)
     assert "sm90" in backend.available_backends()
+
+
+def test_tile_fit_picks_the_tile_whose_n_divides_the_output_width():
+    """The default config per output width: the fewest padded columns of the last tile column, ties to the
+    earlier candidate, only compiled names (an older library without the fitted tiles keeps its default)."""
+    assert sm90_gemm.tile_n("cooperative_128x240x64_c2x1") == 240
+    assert sm90_gemm.tile_n("pingpong_128x128x64") == 128
+    with pytest.raises(ValueError, match="no MxNxK"):
+        sm90_gemm.tile_n("cooperative")
+    assert [sm90_gemm.padded_columns(c, 256) for c in (2160, 2880, 1080, 2048)] == [144, 192, 200, 0]
+    assert [sm90_gemm.padded_columns(c, 240) for c in (2160, 2880, 1080)] == [0, 0, 120]
+    cands = ("cooperative_128x256x64", "cooperative_128x240x64", "cooperative_128x224x64")
+    compiled = ["cooperative_128x256x64", "pingpong_128x128x64", *cands[1:]]
+    assert sm90_gemm.fit_config(compiled, cands, 2880) == "cooperative_128x240x64"
+    assert sm90_gemm.fit_config(compiled, cands, 1080) == "cooperative_128x224x64"
+    assert sm90_gemm.fit_config(compiled, cands, 2048) == "cooperative_128x256x64"  # a tie: the earlier name
+    assert sm90_gemm.fit_config(["cooperative_128x256x64"], cands, 1080) == "cooperative_128x256x64"
+    assert sm90_gemm.fit_config(["pingpong_128x128x64"], cands, 1080) is None
+    assert set(sm90_gemm.FIT_CANDIDATES) == {"dgrad"}  # N-contiguous B (fwd, wgrad_accum): swizzle, not fit
+    assert sm90_gemm.out_cols("dgrad", 1080, 2880) == 1080 and sm90_gemm.out_cols("fwd", 2880, 2160) == 2160
+
+
+def test_built_library_defaults_fit_the_expert_widths(monkeypatch):
+    """With a library built here: the EngGPT2 widths get the tiles that divide them, and ENGMOE_SM90_CONFIGS
+    still overrides the width-based default."""
+    if sm90_gemm.library() is None:
+        pytest.skip(f"no built library: {sm90_gemm.load_error()}")
+    monkeypatch.delenv(sm90_gemm.CONFIGS_ENV, raising=False)
+    name = {k: sm90_gemm.configs(k) for k in sm90_gemm.KINDS}
+    assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "cooperative_128x256x64_c2x1"
+    assert name["dgrad"][sm90_gemm.default_config("dgrad", 2880)] == "cooperative_128x240x64_c2x1"
+    assert name["dgrad"][sm90_gemm.default_config("dgrad", 1080)] == "cooperative_128x224x64"
+    assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2880)] == "cooperative_128x256x64"
+    assert sm90_gemm.default_config("wgrad") == 0
+    monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, "fwd=pingpong_128x128x64")
+    assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "pingpong_128x128x64"
