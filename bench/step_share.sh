@@ -42,6 +42,9 @@ prep_before() {
   mkdir -p /tmp/before/configs/model  # the preset is new: give the before tree the same one
   [ -f /tmp/before/configs/model/ep4-share.yaml ] || cp "$(find engmoe configs -name ep4-share.yaml 2>/dev/null | head -1)" \
       /tmp/before/configs/model/
+  # the Hopper GEMM library (torch-free, carried prebuilt): the before tree's own Python picks its configurations by
+  # name, and the kernels of the names it knows are unchanged, so it runs as it did
+  if [ -f build/sm90/libengmoe_sm90.so ]; then mkdir -p /tmp/before/build/sm90 && cp build/sm90/libengmoe_sm90.so /tmp/before/build/sm90/; fi
   [ -z "${SKIP_BUILD:-}" ] && build_ext /tmp/before
   echo "before build rc=$?"
 }
@@ -82,6 +85,12 @@ declare -A V=(
   [text-mb1-graphs]="stage.micro_batch=1,bench.data=text,model.cuda_graphs=attention"
   [forced-mb2-graphs]="stage.micro_batch=2,model.moe.force_balanced_routing=true,model.cuda_graphs=attention"
   [text-mb2-graphs]="stage.micro_batch=2,bench.data=text,model.cuda_graphs=attention"
+  [forced-mb1-graphs-sm90]="stage.micro_batch=1,model.moe.force_balanced_routing=true,model.cuda_graphs=attention,model.moe.gemm_plan=sm90"
+  [mock-mb1-graphs-sm90]="stage.micro_batch=1,model.cuda_graphs=attention,model.moe.gemm_plan=sm90"
+  [text-mb1-graphs-sm90]="stage.micro_batch=1,bench.data=text,model.cuda_graphs=attention,model.moe.gemm_plan=sm90"
+  [forced-mb2-graphs-sm90]="stage.micro_batch=2,model.moe.force_balanced_routing=true,model.cuda_graphs=attention,model.moe.gemm_plan=sm90"
+  [mock-mb2-graphs-sm90]="stage.micro_batch=2,model.cuda_graphs=attention,model.moe.gemm_plan=sm90"
+  [text-mb2-graphs-sm90]="stage.micro_batch=2,bench.data=text,model.cuda_graphs=attention,model.moe.gemm_plan=sm90"
   [mock-mb1-graphs-accum-sm90]="stage.micro_batch=1,model.cuda_graphs=attention,model.moe.expert_wgrad_accum=sm90"
   [mock-mb2-graphs-accum-sm90]="stage.micro_batch=2,model.cuda_graphs=attention,model.moe.expert_wgrad_accum=sm90"
   [proxy-mb4-graphs]="bench.model=proxy,stage.micro_batch=4,model.cuda_graphs=attention"
