@@ -12,7 +12,8 @@
 * ``sm90``         — the ``cuda`` backend with every expert GEMM on engmoe's Hopper grouped GEMM
   (``engmoe.kernels.sm90_gemm``, csrc/sm90/; H100/H200 with libengmoe_sm90.so built) and, with
   gradient-accumulation fusion, its accumulating fp32 epilogue for the weight gradients (unless
-  ``ENGMOE_EXPERT_WGRAD_ACCUM`` says otherwise). Not in ``auto`` until it is measured faster.
+  ``ENGMOE_EXPERT_WGRAD_ACCUM`` says otherwise). The ``cuda`` backend's ``auto`` plan already runs fwd and dgrad
+  there (the bf16 wgrad, unfused path only, stays on torch._grouped_mm).
 * ``auto``         — the fastest of the above that is available here (order ``AUTO_ORDER``), else reference
   (always on CPU).
 
@@ -45,10 +46,10 @@ from engmoe.kernels import cuda_ops, grouped, reference, sm90_gemm
 # Measured order (bench/KERNEL_NOTES.md): ours, then torch._grouped_mm, then grouped_gemm.
 AUTO_ORDER = ("cuda", "torch", "grouped_gemm")
 # GEMM library per kind for the ``cuda`` backend; override with ENGMOE_GEMM_PLAN ("auto", "torch",
-# "grouped_gemm" or "fwd,dgrad,wgrad"). "auto": torch._grouped_mm below 2048 rows per expert, grouped_gemm
-# for dgrad/wgrad above (when importable). Measured on H100 (bench/KERNEL_NOTES.md): at 8k tokens (1k rows
-# per expert) torch._grouped_mm wins every GEMM kind; at 32k tokens grouped_gemm's dgrad/wgrad are 5-15 %
-# faster, and the whole layer 1.1 ms (3 %) faster than all-torch, in two runs.
+# "grouped_gemm", "sm90" or "fwd,dgrad,wgrad"). "auto": fwd and dgrad on sm90 where it runs (else
+# torch._grouped_mm), the unfused bf16 wgrad on torch._grouped_mm, or on grouped_gemm above 2048 rows per
+# expert where the group sizes are on the host (GemmPlan.parse has the measurements: one H200 for sm90,
+# H100 for grouped_gemm, bench/KERNEL_NOTES.md).
 DEFAULT_GEMM_PLAN = "auto"
 GemmPlan = grouped.GemmPlan
 # With gradient-accumulation fusion (model.gradient_accumulation_fusion), how the ``cuda``/``grouped_gemm``

@@ -160,11 +160,15 @@ class GemmPlan:
     @staticmethod
     def parse(spec: str) -> "GemmPlan":
         """``"auto"``, one of ``LIBS`` (``"torch"``, ``"grouped_gemm"``, ``"sm90"``) or ``"fwd,dgrad,wgrad"``
-        library names. "auto" does not pick sm90 (yet): that waits for its measurement (docs/kernels-sm90.md)."""
+        library names. "auto" runs fwd and dgrad on sm90, which :meth:`resolved` turns into torch where the
+        library does not run (docs/kernels-sm90.md)."""
         if spec.strip() == "auto":
-            # H100 (bench/KERNEL_NOTES.md): torch._grouped_mm faster at ~1k rows per expert, grouped_gemm's
-            # cuBLAS loop faster for dgrad/wgrad at >= 2k (forward a tie), in isolation and in the layer.
-            return GemmPlan("torch", "torch", "torch", GemmPlan("torch", "grouped_gemm", "grouped_gemm"), 2048)
+            # One H200 (docs/kernels-sm90.md, 2026-12-03): sm90 fwd equals torch._grouped_mm (the same CUTLASS
+            # configuration), sm90 dgrad with tiles that fit 1080/2880 columns 7-12 % faster on the 1080-wide
+            # one; the ep4-share step 0.2-0.5 % faster in all three routing modes. The bf16 wgrad (unfused path
+            # only) stays torch: sm90's runs 10-30 % slower. H100 (bench/KERNEL_NOTES.md): grouped_gemm's cuBLAS
+            # loop faster for the unfused wgrad at >= 2k rows per expert.
+            return GemmPlan("sm90", "sm90", "torch", GemmPlan("sm90", "sm90", "grouped_gemm"), 2048)
         parts = [p.strip() for p in spec.split(",")]
         if len(parts) == 1:
             parts = parts * 3

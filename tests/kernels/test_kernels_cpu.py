@@ -74,12 +74,12 @@ def test_gemm_plan_parse_and_cpu_loop_fallback():
         GemmPlan.parse("torch,torch")
     auto = GemmPlan.parse("auto")
     small, large = auto.for_rows(1000, 8), auto.for_rows(2048 * 64, 64)
-    assert (small.fwd, small.dgrad, small.wgrad) == ("torch",) * 3
-    assert (large.fwd, large.dgrad, large.wgrad) == ("torch", "grouped_gemm", "grouped_gemm")
+    assert (small.fwd, small.dgrad, small.wgrad) == ("sm90", "sm90", "torch")
+    assert (large.fwd, large.dgrad, large.wgrad) == ("sm90", "sm90", "grouped_gemm")
     assert "rows/expert" in str(auto)
     # the host-sized grouped_gemm plan only where the sizes are on the host already (no sync per layer)
     unknown = auto.for_rows(2048 * 64, 64, host_known=False)
-    assert (unknown.fwd, unknown.dgrad, unknown.wgrad) == ("torch",) * 3
+    assert (unknown.fwd, unknown.dgrad, unknown.wgrad) == ("sm90", "sm90", "torch")
     # CPU: grouped_mlp of any plan is the per-expert loop
     torch.manual_seed(1)
     counts = torch.tensor([3, 0, 4])

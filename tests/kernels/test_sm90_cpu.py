@@ -78,7 +78,7 @@ def test_build_finds_cutlass_layouts(monkeypatch, tmp_path):
     assert names[0] == "api.cu" and len(names) >= 5
 
 
-def test_plan_parsing_and_backend_names():
+def test_plan_parsing_and_backend_names(monkeypatch):
     assert "sm90" in grouped.LIBS
     p = GemmPlan.parse("sm90")
     assert (p.fwd, p.dgrad, p.wgrad) == ("sm90", "sm90", "sm90")
@@ -86,8 +86,13 @@ def test_plan_parsing_and_backend_names():
     assert (p.fwd, p.dgrad, p.wgrad) == ("torch", "sm90", "grouped_gemm")
     with pytest.raises(ValueError, match="sm90"):
         GemmPlan.parse("sm91")
-    auto = GemmPlan.parse("auto")  # defaults unchanged: sm90 only where named
-    assert "sm90" not in str(auto)
+    auto = GemmPlan.parse("auto")  # fwd and dgrad on sm90; where it does not run, resolved() gives torch
+    assert (auto.fwd, auto.dgrad, auto.wgrad) == ("sm90", "sm90", "torch")
+    monkeypatch.setattr(grouped, "lib_usable", lambda name: name != "sm90")
+    r = auto.resolved()
+    assert (r.fwd, r.dgrad, r.wgrad, r.large.wgrad) == ("torch", "torch", "torch", "grouped_gemm")
+    monkeypatch.setattr(grouped, "lib_usable", lambda name: True)
+    assert str(auto.resolved()) == str(auto)
     assert "sm90" in grouped.EXPERT_WGRAD_ACCUM and "sm90" in grouped.ACCUMULATING_BACKENDS
     MoEConfig(kernel_backend="sm90").validate("model.moe")
     grouped.make_grouped_mlp(GemmPlan.parse("sm90"), reference.swiglu, "sm90")
