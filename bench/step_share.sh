@@ -32,11 +32,20 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
   && cd /tmp/gg/grouped_gemm-0.3.0 && PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=6 \
   python3 -m pip install --no-build-isolation --no-deps --no-cache-dir --target /tmp/site_gg . ) >"$OUT/gg_build.log" 2>&1 &
 GG=$!
-build_ext() {  # $1: tree; builds engmoe._C in place (no pip: two trees build at once and must not share an install)
-  (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a MAX_JOBS=8 timeout 300 python3 setup.py -q build_ext --inplace)
+build_ext() {  # $1: tree; builds engmoe._C in place (no pip: two trees build at once and must not share an install).
+  # With the Hopper GEMM library carried (build/sm90), setup.py's own CUTLASS build of it is skipped: it took
+  # minutes of the call per tree and its copy would not be loaded (build/sm90 comes first in the lookup).
+  local skip=0; [ -f "$1/build/sm90/libengmoe_sm90.so" ] && skip=1
+  (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a ENGMOE_SKIP_SM90_BUILD=$skip MAX_JOBS=8 timeout 300 \
+     python3 setup.py -q build_ext --inplace)
 }
-# ---- before tree: extracted and built in the background while this tree builds (both need minutes) --------------
-prep_before() {
+ext_sources_hash() {  # what engmoe._C is built from (csrc/ without csrc/sm90, setup.py): equal hashes, equal builds
+  (cd "$1" && cat setup.py $(find csrc -maxdepth 1 -type f \( -name '*.cu' -o -name '*.cpp' -o -name '*.h' \) | sort) \
+     | sha256sum | cut -c1-16)
+}
+# ---- before tree: extracted, then built in the background while this tree builds, or given this tree's engmoe._C
+# when its sources are the same (a build costs one to three minutes of the call) ---------------------------------
+extract_before() {
   rm -rf /tmp/before && mkdir -p /tmp/before && tar xzf "$BEFORE" -C /tmp/before
   cp bench/proxy_profile.py /tmp/before/bench/
   mkdir -p /tmp/before/configs/model  # the preset is new: give the before tree the same one
@@ -45,13 +54,20 @@ prep_before() {
   # the Hopper GEMM library (torch-free, carried prebuilt): the before tree's own Python picks its configurations by
   # name, and the kernels of the names it knows are unchanged, so it runs as it did
   if [ -f build/sm90/libengmoe_sm90.so ]; then mkdir -p /tmp/before/build/sm90 && cp build/sm90/libengmoe_sm90.so /tmp/before/build/sm90/; fi
-  [ -z "${SKIP_BUILD:-}" ] && build_ext /tmp/before
-  echo "before build rc=$?"
 }
-HAVE_BEFORE=0
-if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then HAVE_BEFORE=1; prep_before >"$OUT/build_before.log" 2>&1 & PB=$!; fi
+HAVE_BEFORE=0; REUSE_EXT=0; PB=
+if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then
+  HAVE_BEFORE=1; extract_before >"$OUT/build_before.log" 2>&1
+  if [ "$(ext_sources_hash /tmp/before)" = "$(ext_sources_hash "$ROOT")" ]; then REUSE_EXT=1
+  elif [ -z "${SKIP_BUILD:-}" ]; then ( build_ext /tmp/before; echo "before build rc=$?" ) >>"$OUT/build_before.log" 2>&1 & PB=$!
+  fi
+fi
 if [ -z "${SKIP_BUILD:-}" ] && ! PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; assert c.load_extension()" 2>/dev/null; then
   build_ext "$ROOT" >"$OUT/build.log" 2>&1; echo "engmoe._C build rc=$? ($(( $(date +%s) - S )) s)"
+fi
+if [ $REUSE_EXT = 1 ] && [ -z "${SKIP_BUILD:-}" ]; then
+  cp "$ROOT"/engmoe/_C*.so /tmp/before/engmoe/ 2>/dev/null
+  echo "before build: engmoe._C sources equal this tree's, its build reused (rc=$?)" | tee -a "$OUT/build_before.log"
 fi
 PYTHONPATH=$ROOT:/tmp/site python3 -c "from engmoe.kernels import cuda_ops as c; print('engmoe ops loaded:', c.load_extension(), c.load_error())"
 
@@ -132,7 +148,7 @@ profile() {  # $1 tree, $2 json name, $3 budget s, $4 variants. One torchrun per
 
 # ---- before: the earlier tree runs its own model/trainer code (our harness: bench/proxy_profile.py) ----------------
 if [ $HAVE_BEFORE = 1 ]; then
-  wait $PB; tail -1 "$OUT/build_before.log"
+  [ -n "$PB" ] && wait $PB; tail -1 "$OUT/build_before.log"
   echo "== before ($BEFORE), $(left) s left"
   profile /tmp/before before "${BUDGET_BEFORE:-80}" "$BEFORE_VARIANTS"
 else
