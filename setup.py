@@ -85,8 +85,14 @@ def _with_sm90(cmdclass: dict) -> dict:
     class BuildExtWithSm90(base):
         def run(self):
             super().run()
-            root = os.path.dirname(os.path.abspath(__file__)) if self.inplace else self.build_lib
-            _build_sm90(os.path.join(root, "engmoe", "kernels"))
+            here = os.path.dirname(os.path.abspath(__file__))
+            if self.inplace:
+                shadow = _load_build_sm90().shadowing_library(here)
+                if shadow is not None:  # an in-place copy would never be loaded: do not spend minutes on it
+                    print(f"engmoe: libengmoe_sm90.so not built in place: {shadow} is the one loaded "
+                          "(rebuild it with python -m engmoe.kernels.build_sm90)", file=sys.stderr)
+                    return
+            _build_sm90(os.path.join(here if self.inplace else self.build_lib, "engmoe", "kernels"))
 
     return {**cmdclass, "build_ext": BuildExtWithSm90}
 

@@ -37,6 +37,19 @@ class BuildError(RuntimeError):
     """The library cannot be built here (missing compiler or headers, or a compile error); the message says why."""
 
 
+def shadowing_library(repo: str | os.PathLike = REPO) -> Path | None:
+    """The library that import would load instead of an in-place copy next to ``sm90_gemm.py``, or None.
+
+    ``sm90_gemm.library_paths``: ``$ENGMOE_SM90_LIB`` alone when set, else ``build/sm90/`` before the package copy.
+    setup.py's in-place ``build_ext`` skips its CUTLASS build when this is not None: the copy would never be
+    loaded, and the build is minutes of nvcc (on the device machine, every call that carried the library)."""
+    env = os.environ.get("ENGMOE_SM90_LIB")
+    if env:
+        return Path(env)
+    built = Path(repo) / "build" / "sm90" / "libengmoe_sm90.so"
+    return built if built.is_file() else None
+
+
 def find_cutlass(explicit: str | os.PathLike | None = None) -> Path:
     """The CUTLASS root (holding ``include/cutlass/cutlass.h``): ``explicit``, ``$ENGMOE_CUTLASS_DIR``, the wheel."""
     tried = []

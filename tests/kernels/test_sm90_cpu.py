@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,20 @@ def test_built_library_defaults_fit_the_expert_widths(monkeypatch):
     assert sm90_gemm.default_config("wgrad") == 0
     monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, "fwd=pingpong_128x128x64")
     assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "pingpong_128x128x64"
+
+
+def test_in_place_build_skips_a_library_that_would_not_be_loaded(tmp_path, monkeypatch):
+    """setup.py's in-place build_ext skips its CUTLASS build when build/sm90/ (or $ENGMOE_SM90_LIB) holds the
+    library import loads first (sm90_gemm.library_paths): a copy next to sm90_gemm.py would never be used."""
+    from engmoe.kernels import build_sm90
+
+    monkeypatch.delenv(sm90_gemm.LIB_ENV, raising=False)
+    assert build_sm90.shadowing_library(tmp_path) is None
+    built = tmp_path / "build" / "sm90" / sm90_gemm.LIB_NAME
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"")
+    assert build_sm90.shadowing_library(tmp_path) == built
+    assert sm90_gemm._DEFAULT_PATHS[0].relative_to(sm90_gemm._REPO) == built.relative_to(tmp_path)  # same lookup
+    monkeypatch.setenv(sm90_gemm.LIB_ENV, "/elsewhere/libengmoe_sm90.so")
+    assert build_sm90.shadowing_library(tmp_path) == Path("/elsewhere/libengmoe_sm90.so")
+    assert sm90_gemm.library_paths() == [Path("/elsewhere/libengmoe_sm90.so")]
