@@ -17,6 +17,7 @@ What it measures, all in one process so the ratios come from one run:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -31,22 +32,18 @@ from engmoe.config import MoEConfig  # noqa: E402
 from engmoe.kernels import available_backends, cuda_ops, get_moe_kernels, grouped, reference  # noqa: E402
 from engmoe.model.moe import MoELayer  # noqa: E402
 
-_SLEEP_CYCLES_PER_MS: float | None = None
 
-
+@functools.lru_cache(maxsize=None)
 def _sleep_cycles_per_ms() -> float:
     """GPU clock cycles of ``torch.cuda._sleep`` per millisecond, measured once (the SM clock varies by part)."""
-    global _SLEEP_CYCLES_PER_MS
-    if _SLEEP_CYCLES_PER_MS is None:
-        cycles = 10_000_000
-        torch.cuda._sleep(cycles // 10)  # wake the clock
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        torch.cuda._sleep(cycles)
-        e.record()
-        torch.cuda.synchronize()
-        _SLEEP_CYCLES_PER_MS = cycles / max(s.elapsed_time(e), 1e-3)
-    return _SLEEP_CYCLES_PER_MS
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles // 10)  # wake the clock
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    torch.cuda._sleep(cycles)
+    e.record()
+    torch.cuda.synchronize()
+    return cycles / max(s.elapsed_time(e), 1e-3)
 
 
 def timed(fn, iters=10, warm=3, inner=1, hold=False):

@@ -136,7 +136,7 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
         for lib, ms in row.items():
             res[f"{name}_{lib}_{tag}_ms"] = ms
         cells = "  ".join(f"{lib} {ms:6.3f} ms ({flops / ms / 1e9:4.0f} TFLOP/s)" for lib, ms in row.items())
-        auto = sm90_gemm.configs("wgrad_accum")[sm90_gemm.default_config("wgrad_accum", N)]
+        auto = _auto_name("wgrad_accum", N)
         res[f"{name}_sm90_auto_{tag}"] = auto
         lines.append(f"{tag:12s} {name:7s} main_grad += xᵀdy: {cells}  | default {auto}")
         print(lines[-1], flush=True)

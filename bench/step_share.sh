@@ -34,7 +34,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 GG=$!
 build_ext() {  # $1: tree; builds engmoe._C in place (no pip: two trees build at once and must not share an install).
   # With the Hopper GEMM library carried (build/sm90), setup.py's own CUTLASS build of it is skipped: it took
-  # minutes of the call per tree and its copy would not be loaded (build/sm90 comes first in the lookup).
+  # minutes of the call per tree and its copy would not be loaded (build/sm90 comes first in the lookup). Today's
+  # setup.py skips it by itself (build_sm90.shadowing_library); the variable is for before trees that predate that.
   local skip=0; [ -f "$1/build/sm90/libengmoe_sm90.so" ] && skip=1
   (cd "$1" && PYTHONPATH=/tmp/site ENGMOE_CUDA_ARCHS=90a ENGMOE_SKIP_SM90_BUILD=$skip MAX_JOBS=8 timeout 300 \
      python3 setup.py -q build_ext --inplace)

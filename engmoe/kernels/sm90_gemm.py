@@ -206,11 +206,6 @@ def _fit_default(kind: str, cols: int) -> int:
     return names.index(name) if name is not None else _measured_default(kind)
 
 
-def out_cols(kind: str, k: int, n: int) -> int:
-    """The output width the tile's N runs over, in the weight's [K, N] terms (dgrad writes [rows, K])."""
-    return k if kind == "dgrad" else n
-
-
 def default_config(kind: str, cols: int | None = None) -> int:
     """The config a call with ``config=-1`` runs: ``ENGMOE_SM90_CONFIGS`` if it names ``kind``, else the
     best-fitting tile for output width ``cols`` (``FIT_CANDIDATES``), else the measured default
@@ -309,11 +304,11 @@ def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.T
         if why is not None:
             raise RuntimeError(f"engmoe sm90 {kind}: {why}")
     lib = library()
-    rows, k, n, _ = _dims(kind, a, b, counts)
-    config = default_config(kind, out_cols(kind, k, n)) if config < 0 else config
+    config = default_config(kind, d.shape[-1]) if config < 0 else config  # d's last dim: the tile's N runs over it
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     sms = _sm_count(device)
     groups = counts.shape[0]
+    rows, k, n, _ = _dims(kind, a, b, counts)
     ws_bytes = workspace_bytes(kind, config, groups, sms)
     # from torch's caching allocator: freed (stream-ordered) after the call, captured with a CUDA graph
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=a.device)

@@ -187,7 +187,11 @@ def test_tile_fit_picks_the_tile_whose_n_divides_the_output_width():
     assert sm90_gemm.fit_config(["cooperative_128x256x64"], cands, 1080) == "cooperative_128x256x64"
     assert sm90_gemm.fit_config(["pingpong_128x128x64"], cands, 1080) is None
     assert set(sm90_gemm.FIT_CANDIDATES) == {"dgrad"}  # N-contiguous B (fwd, wgrad_accum): swizzle, not fit
-    assert sm90_gemm.out_cols("dgrad", 1080, 2880) == 1080 and sm90_gemm.out_cols("fwd", 2880, 2160) == 2160
+    # the width a call's default is chosen for is its output's last dim (dgrad writes [rows, K])
+    m = lambda *shape: torch.empty(*shape, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    c = torch.empty(4, device="meta", dtype=torch.int64)
+    assert sm90_gemm.out_shape("dgrad", m(10, 2880), m(4, 1080, 2880), c)[-1] == 1080
+    assert sm90_gemm.out_shape("fwd", m(10, 2880), m(4, 2880, 2160), c)[-1] == 2160
 
 
 def test_built_library_defaults_fit_the_expert_widths(monkeypatch):
