@@ -13,12 +13,13 @@ namespace {
 
 // Index 0 of each kind is its default (engmoe/kernels/sm90_gemm.py may pick another by name for benchmarking).
 // New configurations are appended, so an existing one keeps its index.
-const Config* const kFwd[] = {&kFwdCoop128x256, &kFwdPingpong128x128, &kFwdCoop128x256C2x1, &kFwdCoop256x128};
+const Config* const kFwd[] = {&kFwdCoop128x256, &kFwdPingpong128x128, &kFwdCoop128x256C2x1, &kFwdCoop256x128,
+                              &kFwdCoop128x192,    &kFwdCoop128x192C2x1};
 const Config* const kDgrad[] = {&kDgradCoop128x256,  &kDgradPingpong128x128, &kDgradCoop128x256C2x1,
                                 &kDgradCoop128x240,  &kDgradCoop128x224,     &kDgradCoop128x240C2x1};
 const Config* const kWgrad[] = {&kWgradPingpong128x128};
 const Config* const kWgradAccum[] = {&kWgradAccumPingpong128x128, &kWgradAccumCoop128x256, &kWgradAccumCoop128x256C2x1,
-                                     &kWgradAccumCoop128x256C1x2};
+                                     &kWgradAccumCoop128x256C1x2, &kWgradAccumCoop128x192};
 
 struct Table {
   const Config* const* configs;

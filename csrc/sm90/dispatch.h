@@ -50,5 +50,9 @@ extern const Config kFwdCoop256x128;
 extern const Config kDgradCoop128x240;
 extern const Config kDgradCoop128x224;
 extern const Config kDgradCoop128x240C2x1;
+// N 192 (a multiple of 64: the N-contiguous B keeps its 128-byte swizzle) divides 2880 exactly
+extern const Config kFwdCoop128x192;
+extern const Config kFwdCoop128x192C2x1;
+extern const Config kWgradAccumCoop128x192;
 
 }  // namespace engmoe_sm90

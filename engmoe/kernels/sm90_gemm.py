@@ -169,13 +169,17 @@ def _measured_default(kind: str) -> int:
 # Tiles that fit (docs/kernels-sm90.md): an output width that the tile's N does not divide pays for the padded
 # columns of its last tile column in every row tile (1080 on 256-wide tiles computes 1280 columns), so where the
 # output width is known the default is the candidate with the fewest padded columns; ties go to the earlier name.
-# dgrad only: it reads the weight K-contiguous, so any N that is a multiple of 8 keeps the 128-byte swizzle (at 8k
-# tokens 224 runs the 1080-wide dgrad at 666 TFLOP/s against 616 for 256 with a 2x1 cluster and 597 for torch).
+# dgrad reads the weight K-contiguous, so any N that is a multiple of 8 keeps the 128-byte swizzle (at 8k tokens
+# 224 runs the 1080-wide dgrad at 656-666 TFLOP/s against 607-616 for 256 with a 2x1 cluster and 597 for torch).
 # fwd and wgrad_accum read their B operand N-contiguous, where an N that is not a multiple of 64 falls back to a
-# narrower swizzle: 240 ran them at 370-650 TFLOP/s against 640-720 for 256, so they keep MEASURED_DEFAULTS.
-# Only compiled names count (an older library keeps its defaults).
+# narrower swizzle (240 ran them at 370-650 TFLOP/s against 640-720 for 256), so their candidates are multiples of
+# 64: 192 divides 2880 (at 4k / 8k tokens fwd2 623 / 645 vs 607 / 630, accum2 535 / 598 vs 505 / 564 TFLOP/s) and
+# 256x128 pads 2160 by 16 columns instead of 144 (fwd1 694 / 696 vs 686 / 661). The 2160-wide accumulation ties
+# and keeps 128x256 (543 vs 516 at 4k). Only compiled names count (an older library keeps its defaults).
 FIT_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "fwd": ("cooperative_128x256x64_c2x1", "cooperative_256x128x64", "cooperative_128x192x64_c2x1"),
     "dgrad": ("cooperative_128x256x64_c2x1", "cooperative_128x240x64_c2x1", "cooperative_128x224x64"),
+    "wgrad_accum": ("cooperative_128x256x64", "cooperative_128x192x64"),
 }
 
 

@@ -186,7 +186,10 @@ def test_tile_fit_picks_the_tile_whose_n_divides_the_output_width():
     assert sm90_gemm.fit_config(compiled, cands, 2048) == "cooperative_128x256x64"  # a tie: the earlier name
     assert sm90_gemm.fit_config(["cooperative_128x256x64"], cands, 1080) == "cooperative_128x256x64"
     assert sm90_gemm.fit_config(["pingpong_128x128x64"], cands, 1080) is None
-    assert set(sm90_gemm.FIT_CANDIDATES) == {"dgrad"}  # N-contiguous B (fwd, wgrad_accum): swizzle, not fit
+    # N-contiguous B (fwd, wgrad_accum): only tiles whose N keeps the 128-byte swizzle (a multiple of 64)
+    assert all(sm90_gemm.tile_n(c) % 64 == 0 for k in ("fwd", "wgrad_accum") for c in sm90_gemm.FIT_CANDIDATES[k])
+    assert sm90_gemm.FIT_CANDIDATES["fwd"][0] == sm90_gemm.MEASURED_DEFAULTS["fwd"]  # ties keep the measured one
+    assert sm90_gemm.FIT_CANDIDATES["wgrad_accum"][0] == sm90_gemm.MEASURED_DEFAULTS["wgrad_accum"]
     # the width a call's default is chosen for is its output's last dim (dgrad writes [rows, K])
     m = lambda *shape: torch.empty(*shape, device="meta", dtype=torch.bfloat16)  # noqa: E731
     c = torch.empty(4, device="meta", dtype=torch.int64)
@@ -201,10 +204,13 @@ def test_built_library_defaults_fit_the_expert_widths(monkeypatch):
         pytest.skip(f"no built library: {sm90_gemm.load_error()}")
     monkeypatch.delenv(sm90_gemm.CONFIGS_ENV, raising=False)
     name = {k: sm90_gemm.configs(k) for k in sm90_gemm.KINDS}
-    assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "cooperative_128x256x64_c2x1"
+    assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "cooperative_256x128x64"
+    assert name["fwd"][sm90_gemm.default_config("fwd", 2880)] == "cooperative_128x192x64_c2x1"
+    assert name["fwd"][sm90_gemm.default_config("fwd", 2048)] == "cooperative_128x256x64_c2x1"
     assert name["dgrad"][sm90_gemm.default_config("dgrad", 2880)] == "cooperative_128x240x64_c2x1"
     assert name["dgrad"][sm90_gemm.default_config("dgrad", 1080)] == "cooperative_128x224x64"
-    assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2880)] == "cooperative_128x256x64"
+    assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2880)] == "cooperative_128x192x64"
+    assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2160)] == "cooperative_128x256x64"
     assert sm90_gemm.default_config("wgrad") == 0
     monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, "fwd=pingpong_128x128x64")
     assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "pingpong_128x128x64"
