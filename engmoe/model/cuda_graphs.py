@@ -76,8 +76,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         from engmoe.model.moe.router import routing_tensors
 
-        h = x + self.attention(self.input_norm(x), (cos, sin))
-        normed = self.post_attention_norm(h)
+        h, normed = self.post_attention_norm.add_and_norm(x, self.attention(self.input_norm(x), (cos, sin)))
         if self.router is None:
             return h, normed
         return (h, normed, *routing_tensors(self.router(normed.reshape(-1, normed.shape[-1]), self.kernels)))

@@ -71,8 +71,8 @@ class TransformerLayer(nn.Module):
             if routed:  # the router ran inside the graph
                 routing = routing_from_tensors(routed, forced_host_counts(self.mlp.moe, normed.shape[0] * normed.shape[1]))
         else:
-            x = x + self.attention(self.input_norm(x), rotary, doc_ids, cp_plan, kv)
-            normed = self.post_attention_norm(x)
+            x, normed = self.post_attention_norm.add_and_norm(
+                x, self.attention(self.input_norm(x), rotary, doc_ids, cp_plan, kv))
         return x + self.mlp(normed, routing=routing)
 
 
