@@ -3,6 +3,9 @@
 #
 #   bash bench/parallel_gpu.sh equivalence throughput   # ≤ 9.5 min on 4×H200: proof + proxy ep1/ep2/ep4
 #   bash bench/parallel_gpu.sh largest                  # ≤ 9 min: the full 16B preset, ep4 + ZeRO, on 4 GPUs
+#   EPS="4" ROUTING="forced mock text" bash bench/parallel_gpu.sh throughput   # the three routing modes side by side
+# ROUTING (default "mock"): mock tokens, forced balance (model.moe.force_balanced_routing), real text (TEXT, default
+# data/bench-tekken from bench/prepare_bench_text.py; carry it); each result has the expert-load min/max.
 #
 # Runs on a bare device machine (python3 with torch + CUDA, no internet): megatron-core is installed from
 # the wheel carried in .whl/ (run with carry [".whl"]) if it is not importable. Results go to $OUT
@@ -52,19 +55,33 @@ for mode in "${modes[@]}"; do
     throughput)
       # proxy preset (EngGPT2 layer dims, 4 layers), seq 4096, 4 micro-batches of 1 per data-parallel rank,
       # bf16 autocast, ZeRO; ep1 = plain data parallel over all GPUs, ep>1 folds the experts over them
-      for ep in 1 2 4; do
+      for ep in ${EPS:-1 2 4}; do
         [ "$ep" -le "$NGPU" ] || continue
-        run_layout "throughput_ep$ep" 200 proxy --set parallel.expert=$ep --steps 10 --warmup 3
+        for routing in ${ROUTING:-mock}; do
+          case $routing in
+            mock) extra=(); suffix="" ;;
+            forced) extra=(--set model.moe.force_balanced_routing=true); suffix="_forced" ;;
+            text) extra=(--text "${TEXT:-data/bench-tekken}"); suffix="_text" ;;
+            *) log "unknown routing $routing (forced | mock | text)"; status=1; continue ;;
+          esac
+          run_layout "throughput_ep$ep$suffix" 200 proxy --set parallel.expert=$ep --steps 10 --warmup 3 "${extra[@]}"
+        done
       done
       $PY - "$OUTDIR" <<'PY' | tee -a "$LOG"
 import glob, json, sys
 rows = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/throughput_ep*.json"))]
-base = next((r for r in rows if r["layout"].endswith("ep1")), None)
 for r in rows:
+    same = [b for b in rows if b["layout"].endswith("ep1") and b.get("data") == r.get("data")
+            and b.get("forced_balance") == r.get("forced_balance")]
+    base = same[0] if same else None
     rel = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}x ep1" if base else ""
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-    print(f"{r['layout']:<26} {r['tokens_per_s_per_gpu']:>9.0f} tok/s/GPU ({rel}) | {r['tflops_per_gpu']:.1f} TFLOP/s/GPU "
-          f"| MFU {mfu} | all-to-all {100 * r['a2a_share']:.1f}% of step | {r['max_mem_gib']:.1f} GiB | {r['gpu']}")
+    routing = "forced" if r.get("forced_balance") else r.get("data", "mock")
+    load = (f"load {r['expert_load_min']:.2f}/{r['expert_load_max']:.2f}"
+            if r.get("expert_load_min") is not None else "load n/a")
+    print(f"{r['layout']:<26} {routing:<6} {r['tokens_per_s_per_gpu']:>9.0f} tok/s/GPU ({rel}) | "
+          f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU | MFU {mfu} | all-to-all {100 * r['a2a_share']:.1f}% of step | {load} | "
+          f"{r['max_mem_gib']:.1f} GiB | {r['gpu']}")
 PY
       ;;
     largest)

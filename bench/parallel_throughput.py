@@ -3,13 +3,17 @@
     torchrun --nproc-per-node 4 bench/parallel_throughput.py --model proxy --set parallel.expert=4 \
         --steps 12 --warmup 4 --json $OUT/ep4.json
 
-Runs the real Trainer (mock tokens, bf16 autocast, megatron DDP, ZeRO) and reports, from rank 0:
+Runs the real Trainer (bf16 autocast, megatron DDP, ZeRO) and reports, from rank 0:
 tokens/s (per GPU and total), TFLOP/s and MFU per GPU, peak memory per GPU, and the all-to-all share of
 the step time. The all-to-all time is measured by CUDA events recorded on the compute stream around every
 ``torch.distributed.all_to_all_single`` (the token dispatch/combine of the MoE layers, forward and
 backward, and the per-expert count exchange), so it includes the time a rank waits for slower peers
 (load imbalance) — the time the step would save if dispatch were free. Events are read after each step:
 no extra synchronisation inside it.
+
+Routing modes (issue 11: every throughput figure reports them side by side, with the expert-load min/max): mock
+tokens (default), forced balance (``--set model.moe.force_balanced_routing=true``) and real text (``--text FOLDER``
+of bench/prepare_bench_text.py: the demo sources in the Tekken tokenizer, read as bench/proxy_profile.py does).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -77,6 +82,8 @@ def main() -> int:
     p.add_argument("--micro-batches", type=int, default=4, help="per data-parallel rank per step")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--json", default=None)
+    p.add_argument("--text", default=None, metavar="FOLDER",
+                   help="train on this real text (bench/prepare_bench_text.py output) instead of mock tokens")
     args = p.parse_args()
 
     from engmoe.config import load_config
@@ -85,11 +92,12 @@ def main() -> int:
 
     init_distributed()
     world = dist.get_world_size()
-    probe = load_config(model=args.model, overrides=args.set)
+    mock = f"data.mock={'false' if args.text else 'true'}"  # the probe too: forced balance is refused on real data
+    probe = load_config(model=args.model, overrides=[mock, *args.set])
     dp = probe.parallel.check_world(world)
     total_steps = args.warmup + args.steps
     cfg = load_config(model=args.model, overrides=[
-        "data.mock=true", f"data.seq_len={args.seq}", f"model.max_seq_len={max(args.seq, probe.model.max_seq_len)}",
+        mock, f"data.seq_len={args.seq}", f"model.max_seq_len={max(args.seq, probe.model.max_seq_len)}",
         "stage.micro_batch=1", f"stage.global_batch={args.micro_batches * dp}", "stage.batch_ramp=[]",
         f"stage.train_steps={total_steps}", "stage.precision=bf16", "stage.save=false", "stage.tensorboard=false",
         "stage.eval_batches=1", "optimizer.warmup_steps=1", *args.set])
@@ -98,7 +106,15 @@ def main() -> int:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     t_build = time.time()
-    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    data = None
+    if args.text:
+        from proxy_profile import FlatTokenDataset
+
+        from engmoe.training.data import TrainData
+
+        ds = FlatTokenDataset(args.text, args.seq, cfg.model.vocab_size)
+        data = TrainData(ds, None, None, f"real text {args.text} ({ds.meta['tokens']:,} tokens)")
+    trainer = Trainer(cfg, log=lambda *a, **k: None, data=data)
     build_s = time.time() - t_build
     step_s, a2a_ms, losses = [], [], []
     for i in range(total_steps):
@@ -132,6 +148,9 @@ def main() -> int:
             "mfu": flops / peak if peak else None, "a2a_share": g[:, 1].mean().item() / step,
             "a2a_s_per_step": g[:, 1].mean().item(), "max_mem_gib": g[:, 2].max().item(),
             "build_s": build_s, "loss_first_last": [losses[0], losses[-1]],
+            "data": "text" if args.text else "mock", "forced_balance": cfg.model.moe.force_balanced_routing,
+            # the last step's expert loads relative to perfect balance, over layers (the trainer's metrics)
+            "expert_load_min": m.get("expert_load_min"), "expert_load_max": m.get("expert_load_max"),
             "gpu": torch.cuda.get_device_name() if on_gpu else "cpu",
         }
         line = json.dumps(result, ensure_ascii=False)
