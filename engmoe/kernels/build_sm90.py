@@ -28,9 +28,11 @@ import sys
 from pathlib import Path
 
 LIB_NAME = "libengmoe_sm90.so"
+LIB_ENV = "ENGMOE_SM90_LIB"  # a library path that replaces the lookup (engmoe.kernels.sm90_gemm.library_paths)
+BUILD_DIR = Path("build", "sm90")  # relative to the repository: the default output, first in the lookup
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "csrc" / "sm90"
-DEFAULT_OUT = REPO / "build" / "sm90"
+DEFAULT_OUT = REPO / BUILD_DIR
 
 
 class BuildError(RuntimeError):
@@ -43,10 +45,10 @@ def shadowing_library(repo: str | os.PathLike = REPO) -> Path | None:
     ``sm90_gemm.library_paths``: ``$ENGMOE_SM90_LIB`` alone when set, else ``build/sm90/`` before the package copy.
     setup.py's in-place ``build_ext`` skips its CUTLASS build when this is not None: the copy would never be
     loaded, and the build is minutes of nvcc (on the device machine, every call that carried the library)."""
-    env = os.environ.get("ENGMOE_SM90_LIB")
+    env = os.environ.get(LIB_ENV)
     if env:
         return Path(env)
-    built = Path(repo) / "build" / "sm90" / "libengmoe_sm90.so"
+    built = Path(repo) / BUILD_DIR / LIB_NAME
     return built if built.is_file() else None
 
 

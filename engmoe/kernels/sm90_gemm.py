@@ -33,17 +33,17 @@ from pathlib import Path
 
 import torch
 
+from engmoe.kernels.build_sm90 import BUILD_DIR, LIB_ENV, LIB_NAME  # one definition of the name and where it is built
+
 ABI_VERSION = 1  # ENGMOE_SM90_ABI_VERSION in csrc/sm90/engmoe_sm90.h
 KINDS = {"fwd": 0, "dgrad": 1, "wgrad": 2, "wgrad_accum": 3}
-LIB_ENV = "ENGMOE_SM90_LIB"
 CONFIGS_ENV = "ENGMOE_SM90_CONFIGS"
-LIB_NAME = "libengmoe_sm90.so"
 _REPO = Path(__file__).resolve().parents[2]
 BUILD_HINT = "build it with `python -m engmoe.kernels.build_sm90` (needs nvcc and the CUTLASS headers)"
 _MAX_ROWS = 2 ** 31 - 1
 
 
-_DEFAULT_PATHS = (_REPO / "build" / "sm90" / LIB_NAME, Path(__file__).resolve().parent / LIB_NAME)
+_DEFAULT_PATHS = (_REPO / BUILD_DIR / LIB_NAME, Path(__file__).resolve().parent / LIB_NAME)
 
 
 def library_paths() -> list[Path]:
