@@ -17,7 +17,7 @@ const Config* const kFwd[] = {&kFwdCoop128x256, &kFwdPingpong128x128, &kFwdCoop1
                               &kFwdCoop128x192,    &kFwdCoop128x192C2x1};
 const Config* const kDgrad[] = {&kDgradCoop128x256,  &kDgradPingpong128x128, &kDgradCoop128x256C2x1,
                                 &kDgradCoop128x240,  &kDgradCoop128x224,     &kDgradCoop128x240C2x1};
-const Config* const kWgrad[] = {&kWgradPingpong128x128};
+const Config* const kWgrad[] = {&kWgradPingpong128x128, &kWgradCoop128x256, &kWgradCoop128x192};
 const Config* const kWgradAccum[] = {&kWgradAccumPingpong128x128, &kWgradAccumCoop128x256, &kWgradAccumCoop128x256C2x1,
                                      &kWgradAccumCoop128x256C1x2, &kWgradAccumCoop128x192};
 

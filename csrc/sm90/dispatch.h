@@ -54,5 +54,8 @@ extern const Config kDgradCoop128x240C2x1;
 extern const Config kFwdCoop128x192;
 extern const Config kFwdCoop128x192C2x1;
 extern const Config kWgradAccumCoop128x192;
+// the bf16 weight gradient on the cooperative schedule
+extern const Config kWgradCoop128x256;
+extern const Config kWgradCoop128x192;
 
 }  // namespace engmoe_sm90

@@ -157,7 +157,11 @@ def _env_defaults(spec: str) -> dict[str, int]:
 # time with the stream held, 2026-12-03): fwd at 8k / 32k tokens, cooperative 128x256 with a 2x1 cluster 718 / 581
 # (up) and 646 / 577 (down) TFLOP/s vs 684 / 571 and 638 / 577 without (torch._grouped_mm 720 / 607, 647 / 565);
 # the accumulating wgrad cooperative 128x256 593 / 614 (up) vs ping-pong 503 / 407 (torch fp32-out + add_ 515 / 572).
-MEASURED_DEFAULTS = {"fwd": "cooperative_128x256x64_c2x1", "wgrad_accum": "cooperative_128x256x64"}
+MEASURED_DEFAULTS = {
+    "fwd": "cooperative_128x256x64_c2x1",
+    "wgrad": "cooperative_128x256x64",
+    "wgrad_accum": "cooperative_128x256x64",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,10 +179,14 @@ def _measured_default(kind: str) -> int:
 # narrower swizzle (240 ran them at 370-650 TFLOP/s against 640-720 for 256), so their candidates are multiples of
 # 64: 192 divides 2880 (at 4k / 8k tokens fwd2 623 / 645 vs 607 / 630, accum2 535 / 598 vs 505 / 564 TFLOP/s) and
 # 256x128 pads 2160 by 16 columns instead of 144 (fwd1 694 / 696 vs 686 / 661). The 2160-wide accumulation ties
-# and keeps 128x256 (543 vs 516 at 4k). Only compiled names count (an older library keeps its defaults).
+# and keeps 128x256 (543 vs 516 at 4k). The bf16 wgrad (unfused path) has the same operands as wgrad_accum: 192
+# for the 2880-wide w2 gradient (4k / 8k / 32k tokens, 16 experts: 624 / 637 / 632 vs torch._grouped_mm 571 / 512 /
+# 560), 128x256 for the 2160-wide one (638 / 639 / 628 vs 660 / 682 / 603; ping-pong 128x128 550 / 557 / 428).
+# Only compiled names count (an older library keeps its defaults).
 FIT_CANDIDATES: dict[str, tuple[str, ...]] = {
     "fwd": ("cooperative_128x256x64_c2x1", "cooperative_256x128x64", "cooperative_128x192x64_c2x1"),
     "dgrad": ("cooperative_128x256x64_c2x1", "cooperative_128x240x64_c2x1", "cooperative_128x224x64"),
+    "wgrad": ("cooperative_128x256x64", "cooperative_128x192x64"),
     "wgrad_accum": ("cooperative_128x256x64", "cooperative_128x192x64"),
 }
 

@@ -211,7 +211,9 @@ def test_built_library_defaults_fit_the_expert_widths(monkeypatch):
     assert name["dgrad"][sm90_gemm.default_config("dgrad", 1080)] == "cooperative_128x224x64"
     assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2880)] == "cooperative_128x192x64"
     assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2160)] == "cooperative_128x256x64"
-    assert sm90_gemm.default_config("wgrad") == 0
+    assert name["wgrad"][sm90_gemm.default_config("wgrad", 2880)] == "cooperative_128x192x64"
+    assert name["wgrad"][sm90_gemm.default_config("wgrad", 2160)] == "cooperative_128x256x64"
+    assert name["wgrad"][sm90_gemm.default_config("wgrad")] == "cooperative_128x256x64"
     monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, "fwd=pingpong_128x128x64")
     assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "pingpong_128x128x64"
 
