@@ -166,8 +166,11 @@ class GemmPlan:
             # One H200 (docs/kernels-sm90.md, 2026-12-03): sm90 fwd equals torch._grouped_mm (the same CUTLASS
             # configuration), sm90 dgrad with tiles that fit 1080/2880 columns 7-12 % faster on the 1080-wide
             # one; the ep4-share step 0.2-0.5 % faster in all three routing modes. The bf16 wgrad (unfused path
-            # only) stays torch: sm90's runs 10-30 % slower. H100 (bench/KERNEL_NOTES.md): grouped_gemm's cuBLAS
-            # loop faster for the unfused wgrad at >= 2k rows per expert.
+            # only) stays torch: sm90's fitted cooperative tiles win on the w2 gradient (+9-24 %) and lose on the
+            # w13 one (-10..+4 %); the MoE layer (cuda backend over the all-torch plan, same process) ran 0.993x
+            # with them against 1.004x with torch's at 8k tokens, 0.975x vs 0.970x at 32k: inside the noise.
+            # grouped_gemm's cuBLAS loop is the fastest unfused wgrad at >= 2k rows per expert (H100,
+            # bench/KERNEL_NOTES.md; H200 at 16 experts: 683-719 vs 644-665 TFLOP/s for torch on the w13 one).
             return GemmPlan("sm90", "sm90", "torch", GemmPlan("sm90", "sm90", "grouped_gemm"), 2048)
         parts = [p.strip() for p in spec.split(",")]
         if len(parts) == 1:
