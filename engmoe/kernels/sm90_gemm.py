@@ -175,6 +175,9 @@ def _measured_default(kind: str) -> int:
 # output width is known the default is the candidate with the fewest padded columns; ties go to the earlier name.
 # dgrad reads the weight K-contiguous, so any N that is a multiple of 8 keeps the 128-byte swizzle (at 8k tokens
 # 224 runs the 1080-wide dgrad at 656-666 TFLOP/s against 607-616 for 256 with a 2x1 cluster and 597 for torch).
+# The 2880-wide dgrad also runs fastest on 224 (32 padded columns), not on 240 with a 2x1 cluster (none): 224 won
+# 7 of 8 shapes (4k-32k tokens over 16 and 64 experts; 8k over 64: 669 vs 602 TFLOP/s, 32k over 16: 570 vs 590),
+# so 240 is no candidate.
 # fwd and wgrad_accum read their B operand N-contiguous, where an N that is not a multiple of 64 falls back to a
 # narrower swizzle (240 ran them at 370-650 TFLOP/s against 640-720 for 256), so their candidates are multiples of
 # 64: 192 divides 2880 (at 4k / 8k tokens fwd2 623 / 645 vs 607 / 630, accum2 535 / 598 vs 505 / 564 TFLOP/s) and
@@ -185,7 +188,7 @@ def _measured_default(kind: str) -> int:
 # Only compiled names count (an older library keeps its defaults).
 FIT_CANDIDATES: dict[str, tuple[str, ...]] = {
     "fwd": ("cooperative_128x256x64_c2x1", "cooperative_256x128x64", "cooperative_128x192x64_c2x1"),
-    "dgrad": ("cooperative_128x256x64_c2x1", "cooperative_128x240x64_c2x1", "cooperative_128x224x64"),
+    "dgrad": ("cooperative_128x256x64_c2x1", "cooperative_128x224x64"),
     "wgrad": ("cooperative_128x256x64", "cooperative_128x192x64"),
     "wgrad_accum": ("cooperative_128x256x64", "cooperative_128x192x64"),
 }

@@ -207,7 +207,7 @@ def test_built_library_defaults_fit_the_expert_widths(monkeypatch):
     assert name["fwd"][sm90_gemm.default_config("fwd", 2160)] == "cooperative_256x128x64"
     assert name["fwd"][sm90_gemm.default_config("fwd", 2880)] == "cooperative_128x192x64_c2x1"
     assert name["fwd"][sm90_gemm.default_config("fwd", 2048)] == "cooperative_128x256x64_c2x1"
-    assert name["dgrad"][sm90_gemm.default_config("dgrad", 2880)] == "cooperative_128x240x64_c2x1"
+    assert name["dgrad"][sm90_gemm.default_config("dgrad", 2880)] == "cooperative_128x224x64"
     assert name["dgrad"][sm90_gemm.default_config("dgrad", 1080)] == "cooperative_128x224x64"
     assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2880)] == "cooperative_128x192x64"
     assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2160)] == "cooperative_128x256x64"
