@@ -81,6 +81,10 @@ class MoEConfig:
     # ($ENGMOE_EXPERT_WGRAD_ACCUM if set, else sm90 where it runs, then grouped, then loop), loop (per-expert
     # cuBLAS, beta = 1), grouped (one torch._grouped_mm, fp32 out, + add_), sm90 (engmoe's GEMM, fp32 epilogue).
     expert_wgrad_accum: str = "auto"
+    # SwiGLU and the routing probability in the up-projection's epilogue (sm90 backend or an sm90 fwd in
+    # gemm_plan): one kernel writes h and the activation, the SwiGLU kernel's read of h goes. Costs one extra bf16
+    # copy of w13 per layer (its columns interleaved), rebuilt after each optimizer step (docs/kernels-sm90.md).
+    swiglu_epilogue: bool = False
     # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the top-k choice only,
     # moved by rate·sign(mean load − load) after every optimizer step (engmoe.model.moe.balancing). 0 = off.
     expert_bias_update_rate: float = 0.0

@@ -13,6 +13,8 @@ struct Problem {
   const void* a;
   const void* b;
   void* d;
+  void* act;           // FWD_SWIGLU: the [rows, n / 2] activation (d is h [rows, n]); nullptr otherwise
+  const float* scale;  // FWD_SWIGLU: per-row scale of act (the routing probability) or nullptr
   const void* counts;
   bool counts_is_int64;
   int groups;
@@ -57,5 +59,9 @@ extern const Config kWgradAccumCoop128x192;
 // the bf16 weight gradient on the cooperative schedule
 extern const Config kWgradCoop128x256;
 extern const Config kWgradCoop128x192;
+// the up-projection with SwiGLU and the routing probability in the epilogue (swiglu_epilogue.cuh)
+extern const Config kFwdSwigluCoop256x128;
+extern const Config kFwdSwigluCoop128x256C2x1;
+extern const Config kFwdSwigluCoop128x128;
 
 }  // namespace engmoe_sm90

@@ -13,6 +13,9 @@
 //                                                                       experts with 0 rows get zeros)
 //   ENGMOE_SM90_WGRAD_ACCUM  d[e]       += a_e^T @ b_e     [K, N]      (d fp32 main_grad, beta = 1 in the epilogue;
 //                                                                       experts with 0 rows are left untouched)
+//   ENGMOE_SM90_FWD_SWIGLU   t = a @ b[e] with b the gate/up-interleaved w13 (8-column blocks, swiglu_epilogue.cuh);
+//                            h [rows, N] = (gate | up) of t, act [rows, N/2] = silu(gate) * up * scale[row]
+//                            (engmoe_sm90_run_swiglu; N a multiple of 16)
 // Group sizes: `counts` on the device, int64 or int32; their running sum is clamped to `rows` (memory safety), and
 // fwd/dgrad rows past the sum are written as zeros.
 #pragma once
@@ -22,14 +25,15 @@
 extern "C" {
 #endif
 
-#define ENGMOE_SM90_ABI_VERSION 1
+#define ENGMOE_SM90_ABI_VERSION 2
 
 enum {
   ENGMOE_SM90_FWD = 0,
   ENGMOE_SM90_DGRAD = 1,
   ENGMOE_SM90_WGRAD = 2,
   ENGMOE_SM90_WGRAD_ACCUM = 3,
-  ENGMOE_SM90_NUM_KINDS = 4
+  ENGMOE_SM90_FWD_SWIGLU = 4,
+  ENGMOE_SM90_NUM_KINDS = 5
 };
 
 // Return codes of engmoe_sm90_run (engmoe_sm90_last_error() has the message of the calling thread's last failure).
@@ -55,6 +59,11 @@ int engmoe_sm90_sm_count(int device);
 int engmoe_sm90_run(int kind, int config, const void* a, const void* b, void* d, const void* counts,
                     int counts_is_int64, int groups, int64_t rows, int k, int n, void* workspace,
                     int64_t workspace_bytes, int sm_count, int device, void* stream);
+// The FWD_SWIGLU kind: x [rows, k] @ w_il[e] [k, n] -> h [rows, n] (gate | up), act [rows, n / 2]; scale: fp32
+// [rows] or NULL (scale 1). Rows past the sum of the counts are zeros in both outputs.
+int engmoe_sm90_run_swiglu(int config, const void* x, const void* w_il, void* h, void* act, const float* scale,
+                           const void* counts, int counts_is_int64, int groups, int64_t rows, int k, int n,
+                           void* workspace, int64_t workspace_bytes, int sm_count, int device, void* stream);
 const char* engmoe_sm90_last_error(void);
 
 #ifdef __cplusplus

@@ -31,6 +31,7 @@
 
 #include "dispatch.h"
 #include "engmoe_sm90.h"
+#include "swiglu_epilogue.cuh"
 
 namespace engmoe_sm90 {
 
@@ -59,6 +60,8 @@ struct KindTraits<ENGMOE_SM90_FWD> {
   using ElementC = void;
   using ElementD = bf16;
 };
+template <>
+struct KindTraits<ENGMOE_SM90_FWD_SWIGLU> : KindTraits<ENGMOE_SM90_FWD> {};  // B = the interleaved w13
 template <>
 struct KindTraits<ENGMOE_SM90_DGRAD> {
   using LayoutA = RowMajor;
@@ -124,12 +127,16 @@ struct GroupedGemm {
   static constexpr bool kHasSource = !std::is_void_v<ElementC>;
   using ElementCStore = std::conditional_t<kHasSource, ElementC, ElementD>;  // pointer type of the (unused) C array
 
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+  static constexpr bool kSwiglu = Kind == ENGMOE_SM90_FWD_SWIGLU;
+  using TmaEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, RowMajor*,
       TmaAlignment<ElementC>::value, ElementD, RowMajor*, TmaAlignment<ElementD>::value,
       typename Schedule::Epilogue,
       cutlass::epilogue::fusion::LinearCombination<ElementD, float, ElementC, float>>::CollectiveOp;
+  // the SwiGLU kind stores from registers (swiglu_epilogue.cuh): no shared memory, so the mainloop gets more stages
+  using CollectiveEpilogue = std::conditional_t<
+      kSwiglu, cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SwigluEpilogue>, TmaEpilogue>;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, bf16, typename Traits::LayoutA*, 8, bf16,
@@ -156,6 +163,8 @@ struct GroupedGemm {
     StrideB* stride_b;
     StrideC* stride_c;
     StrideD* stride_d;
+    bf16** ptr_act;           // FWD_SWIGLU: the activation rows of each group (ptr_d: its h rows)
+    float const** ptr_scale;  // FWD_SWIGLU: the rows' routing probabilities, nullptr for none
   };
 
   static size_t args_bytes(int groups, DeviceArgs* out, char* base) {
@@ -175,20 +184,31 @@ struct GroupedGemm {
     char* sb = take(g * sizeof(StrideB));
     char* sc = take(g * sizeof(StrideC));
     char* sd = take(g * sizeof(StrideD));
+    char* pact = take(g * sizeof(void*));
+    char* pscale = take(g * sizeof(void*));
     if (out != nullptr) {
       *out = DeviceArgs{reinterpret_cast<UnderlyingShape*>(shapes), reinterpret_cast<bf16 const**>(pa),
                         reinterpret_cast<bf16 const**>(pb), reinterpret_cast<ElementCStore const**>(pc),
                         reinterpret_cast<ElementD**>(pd), reinterpret_cast<StrideA*>(sa),
                         reinterpret_cast<StrideB*>(sb), reinterpret_cast<StrideC*>(sc),
-                        reinterpret_cast<StrideD*>(sd)};
+                        reinterpret_cast<StrideD*>(sd), reinterpret_cast<bf16**>(pact),
+                        reinterpret_cast<float const**>(pscale)};
     }
     return o;
   }
 
-  static typename Gemm::Arguments make_arguments(int groups, DeviceArgs const& da, int device, int sm_count) {
+  static typename Gemm::Arguments make_arguments(int groups, DeviceArgs const& da, int device, int sm_count,
+                                                 bool has_scale = false) {
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
     hw.sm_count = sm_count;
+    if constexpr (kSwiglu) {
+      return typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                      {groups, da.shapes, nullptr},
+                                      {da.ptr_a, da.stride_a, da.ptr_b, da.stride_b},
+                                      {da.ptr_d, da.ptr_act, has_scale ? da.ptr_scale : nullptr},
+                                      hw};
+    } else {
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {groups, da.shapes, nullptr},  // no host problem shapes: the scheduler reads them on the device
@@ -199,6 +219,7 @@ struct GroupedGemm {
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = kHasSource ? 1.0f : 0.0f;
     return args;
+    }
   }
 
   static int64_t cutlass_workspace_bytes(int groups, int sm_count) {
@@ -221,6 +242,8 @@ struct BuildParams {
   const bf16* a;
   const bf16* b;
   void* d;
+  bf16* act;          // FWD_SWIGLU only
+  const float* scale;  // FWD_SWIGLU only; may be nullptr
   const void* counts;
   bool counts_is_int64;
   int groups;
@@ -251,7 +274,7 @@ __device__ __forceinline__ void write_group(typename G::DeviceArgs const& da, Bu
   int64_t lda, ldb, ldd;
   const bf16 *pa, *pb;
   ElementD* pd;
-  if constexpr (Kind == ENGMOE_SM90_FWD) {  // [cnt, K] @ [K, N]
+  if constexpr (Kind == ENGMOE_SM90_FWD || Kind == ENGMOE_SM90_FWD_SWIGLU) {  // [cnt, K] @ [K, N]
     m = static_cast<int>(cnt), n = p.n, k = p.k;
     pa = p.a + start * K, pb = p.b + e * K * N, pd = d + start * N;
     lda = K, ldb = N, ldd = N;
@@ -271,6 +294,10 @@ __device__ __forceinline__ void write_group(typename G::DeviceArgs const& da, Bu
   da.stride_a[e] = leading_stride<typename G::StrideA>(lda);
   da.stride_b[e] = leading_stride<typename G::StrideB>(ldb);
   da.stride_d[e] = leading_stride<typename G::StrideD>(ldd);
+  if constexpr (Kind == ENGMOE_SM90_FWD_SWIGLU) {  // act [rows, N / 2], scale [rows]
+    da.ptr_act[e] = p.act + start * (N / 2);
+    da.ptr_scale[e] = p.scale != nullptr ? p.scale + start : nullptr;
+  }
   if constexpr (G::kHasSource) {
     da.ptr_c[e] = pd;  // in place: C = D
     da.stride_c[e] = leading_stride<typename G::StrideC>(ldd);
@@ -329,13 +356,17 @@ __global__ void __launch_bounds__(256) build_args_kernel(typename G::DeviceArgs 
     }
   }
   if (builder) return;
-  if constexpr (Kind == ENGMOE_SM90_FWD || Kind == ENGMOE_SM90_DGRAD) {
+  if constexpr (Kind == ENGMOE_SM90_FWD || Kind == ENGMOE_SM90_DGRAD || Kind == ENGMOE_SM90_FWD_SWIGLU) {
     if (threadIdx.x == 0) s_total = carry < p.rows ? carry : p.rows;
     __syncthreads();
-    const int64_t cols = Kind == ENGMOE_SM90_FWD ? p.n : p.k;
+    const int64_t cols = Kind == ENGMOE_SM90_DGRAD ? p.k : p.n;
     const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(bf16));
     zero_bytes(static_cast<char*>(p.d) + s_total * row_bytes, (p.rows - s_total) * row_bytes, blockIdx.x - 1,
                gridDim.x - 1);
+    if constexpr (Kind == ENGMOE_SM90_FWD_SWIGLU) {  // act rows are N / 2 wide (N % 16 == 0: 16-byte rows)
+      zero_bytes(reinterpret_cast<char*>(p.act) + s_total * row_bytes / 2, (p.rows - s_total) * row_bytes / 2,
+                 blockIdx.x - 1, gridDim.x - 1);
+    }
   }
 }
 
@@ -374,8 +405,8 @@ int run_grouped(Problem const& p, std::string* error) {
   typename G::DeviceArgs da{};
   G::args_bytes(p.groups, &da, static_cast<char*>(p.workspace) + cutlass_ws);
 
-  BuildParams bp{static_cast<const bf16*>(p.a), static_cast<const bf16*>(p.b), p.d, p.counts, p.counts_is_int64,
-                 p.groups, p.rows, p.k, p.n};
+  BuildParams bp{static_cast<const bf16*>(p.a), static_cast<const bf16*>(p.b), p.d, static_cast<bf16*>(p.act),
+                 p.scale, p.counts, p.counts_is_int64, p.groups, p.rows, p.k, p.n};
   const int zero_blocks = Kind == ENGMOE_SM90_WGRAD_ACCUM ? 0 : 8;
   build_args_kernel<Kind, G><<<1 + zero_blocks, 256, 0, p.stream>>>(da, bp);
   cudaError_t ce = cudaGetLastError();
@@ -384,7 +415,7 @@ int run_grouped(Problem const& p, std::string* error) {
     return ENGMOE_SM90_ECUDA;
   }
 
-  auto args = G::make_arguments(p.groups, da, p.device, p.sm_count);
+  auto args = G::make_arguments(p.groups, da, p.device, p.sm_count, p.scale != nullptr);
   cutlass::Status st = Gemm::can_implement(args);
   if (st != cutlass::Status::kSuccess) {
     *error = std::string("CUTLASS can_implement: ") + cutlassGetStatusString(st);

@@ -108,12 +108,13 @@ def _wgrad_accum(setting: str, default: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> str
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_kernels(plan_spec: str, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM, name: str = "cuda") -> MoEKernels:
+def _cuda_kernels(plan_spec: str, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM, name: str = "cuda",
+                  fused_swiglu: bool = False) -> MoEKernels:
     """engmoe._C's dispatch ops with the expert GEMMs of ``plan_spec``; ``name="sm90"`` is the sm90 backend
     (the same ops, plan "sm90", which resolves to itself where that backend is usable)."""
     plan = GemmPlan.parse(plan_spec).resolved()
     return MoEKernels(name, cuda_ops.routing_maps, cuda_ops.permute, cuda_ops.unpermute, cuda_ops.swiglu,
-                      grouped.make_grouped_mlp(plan, cuda_ops.swiglu, wgrad_accum), cuda_ops.router_topk,
+                      grouped.make_grouped_mlp(plan, cuda_ops.swiglu, wgrad_accum, fused_swiglu), cuda_ops.router_topk,
                       cuda_ops.router_logits)
 
 
@@ -138,14 +139,16 @@ def available_backends() -> list[str]:
     return [n for n in BACKENDS if _usable(n)]
 
 
-def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None, wgrad_accum: str = "auto") -> MoEKernels:
+def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None, wgrad_accum: str = "auto",
+                    swiglu_epilogue: bool = False) -> MoEKernels:
     """The kernels for backend ``name``; an explicitly named backend that cannot run here is an error.
-    ``gemm_plan`` (the cuda backend's; None or "auto": ``$ENGMOE_GEMM_PLAN``, else ``DEFAULT_GEMM_PLAN``) and
-    ``wgrad_accum`` are ``model.moe.gemm_plan`` / ``model.moe.expert_wgrad_accum``."""
+    ``gemm_plan`` (the cuda backend's; None or "auto": ``$ENGMOE_GEMM_PLAN``, else ``DEFAULT_GEMM_PLAN``),
+    ``wgrad_accum`` and ``swiglu_epilogue`` are ``model.moe.gemm_plan`` / ``expert_wgrad_accum`` /
+    ``swiglu_epilogue`` (the last only acts where the plan's fwd GEMM is sm90)."""
     if name == "auto":
         for cand in AUTO_ORDER:
             if _usable(cand):
-                return get_moe_kernels(cand, gemm_plan, wgrad_accum)
+                return get_moe_kernels(cand, gemm_plan, wgrad_accum, swiglu_epilogue)
         return REFERENCE
     if name not in BACKENDS:
         raise RuntimeError(f"unknown kernel backend {name!r} (known: {', '.join(BACKENDS)}, auto)")
@@ -165,7 +168,7 @@ def get_moe_kernels(name: str = "auto", gemm_plan: str | None = None, wgrad_accu
     if name == "grouped_gemm":
         return _grouped_gemm_kernels(_wgrad_accum(wgrad_accum))
     if name == "sm90":
-        return _cuda_kernels("sm90", _wgrad_accum(wgrad_accum, "sm90"), name="sm90")
+        return _cuda_kernels("sm90", _wgrad_accum(wgrad_accum, "sm90"), name="sm90", fused_swiglu=swiglu_epilogue)
     if gemm_plan in (None, "auto"):
         gemm_plan = os.environ.get("ENGMOE_GEMM_PLAN", DEFAULT_GEMM_PLAN)
-    return _cuda_kernels(gemm_plan, _wgrad_accum(wgrad_accum))
+    return _cuda_kernels(gemm_plan, _wgrad_accum(wgrad_accum), fused_swiglu=swiglu_epilogue)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from engmoe.kernels import cuda_ops, reference, sm90_gemm, wgrad
 
@@ -348,8 +349,12 @@ def grouped_mlp_accumulating(x: torch.Tensor, tokens_per_expert: torch.Tensor, w
         fwd, dgrad, accum = _ref_fwd, _ref_dgrad, _accum_loop
     if accum is _accum_loop:
         meta.prefetch_cpu()
-    h = _GroupedLinearAccum.apply(x, w13, meta, fwd, dgrad, accum)
-    return _GroupedLinearAccum.apply(kernels.swiglu(h, row_scale), w2, meta, fwd, dgrad, accum)
+    if fast and getattr(kernels.grouped_mlp, "fused_swiglu", False) and _fused_swiglu_applies(x, w13, row_scale, plan,
+                                                                                           meta):
+        act = _UpSwiglu.apply(x, w13, row_scale, meta, interleaved_w13(w13), dgrad, None, accum)
+    else:
+        act = kernels.swiglu(_GroupedLinearAccum.apply(x, w13, meta, fwd, dgrad, accum), row_scale)
+    return _GroupedLinearAccum.apply(act, w2, meta, fwd, dgrad, accum)
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor, plan: GemmPlan,
@@ -363,17 +368,98 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Te
     return reference.grouped_mm(x, w, tokens_per_expert, meta.host_counts)
 
 
-def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM) -> Callable:
+def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable, wgrad_accum: str = DEFAULT_EXPERT_WGRAD_ACCUM,
+                     fused_swiglu: bool = False) -> Callable:
     """A ``grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None)`` running ``plan``'s GEMMs and ``swiglu_fn``
-    (``wgrad_accum``: the ``EXPERT_WGRAD_ACCUM`` strategy :func:`grouped_mlp_accumulating` uses with it)."""
+    (``wgrad_accum``: the ``EXPERT_WGRAD_ACCUM`` strategy :func:`grouped_mlp_accumulating` uses with it;
+    ``fused_swiglu``: the up-projection and SwiGLU as one sm90 kernel where :func:`_fused_swiglu_applies`)."""
     if wgrad_accum not in EXPERT_WGRAD_ACCUM:
         raise ValueError(f"expert wgrad accumulation {wgrad_accum!r}: expected one of {sorted(EXPERT_WGRAD_ACCUM)}")
 
     def grouped_mlp(x, tokens_per_expert, w13, w2, row_scale=None, host_counts=None):
         meta = _Meta(tokens_per_expert, host_counts)
-        h = grouped_linear(x, w13, tokens_per_expert, plan, meta)
-        return grouped_linear(swiglu_fn(h, row_scale), w2, tokens_per_expert, plan, meta)
+        p = plan.for_rows(x.shape[0], w13.shape[0], meta.host_known)
+        if fused_swiglu and _fused_swiglu_applies(x, w13, row_scale, p, meta) and p.usable():
+            act = _UpSwiglu.apply(x, w13, row_scale, meta, interleaved_w13(w13), _IMPL[(p.dgrad, "dgrad")],
+                                  _IMPL[(p.wgrad, "wgrad")], None)
+        else:
+            act = swiglu_fn(grouped_linear(x, w13, tokens_per_expert, plan, meta), row_scale)
+        return grouped_linear(act, w2, tokens_per_expert, plan, meta)
 
     grouped_mlp.plan = plan  # type: ignore[attr-defined]
     grouped_mlp.wgrad_accum = wgrad_accum  # type: ignore[attr-defined]
+    grouped_mlp.fused_swiglu = fused_swiglu  # type: ignore[attr-defined]
     return grouped_mlp
+
+
+# -- SwiGLU in the up-projection's epilogue (sm90 kind fwd_swiglu, docs/kernels-sm90.md) -------------------------
+# The kernel reads w13 with gate and up columns interleaved (sm90_gemm.interleave_gate_up): one extra bf16 copy of
+# w13 per layer, kept on the Parameter and rebuilt when it may have changed: its storage or version counter moved,
+# or any torch optimizer stepped since (a global step hook; engmoe's optimizer, megatron-core's inner optimizers and
+# torch.optim all step through it). Code that writes expert weights through ``.data`` outside an optimizer step
+# calls :func:`invalidate_interleaved`.
+_WEIGHT_EPOCH = [0]
+_EPOCH_HOOK: list = []
+
+
+def invalidate_interleaved(*_args) -> None:
+    """Every cached interleaved w13 is rebuilt at its next use (also the optimizer-step hook)."""
+    _WEIGHT_EPOCH[0] += 1
+
+
+def interleaved_w13(w13: torch.Tensor) -> torch.Tensor:
+    """``sm90_gemm.interleave_gate_up(w13)``, cached on a Parameter until it may have changed (above); a plain
+    tensor (a per-call cast) is interleaved per call."""
+    if not _EPOCH_HOOK:
+        _EPOCH_HOOK.append(register_optimizer_step_post_hook(invalidate_interleaved))
+    if not isinstance(w13, torch.nn.Parameter):
+        return sm90_gemm.interleave_gate_up(w13.detach()).contiguous()
+    key = (w13.data_ptr(), w13._version, _WEIGHT_EPOCH[0], tuple(w13.shape), w13.dtype)
+    cached = getattr(w13, "_engmoe_w13_interleaved", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        il = sm90_gemm.interleave_gate_up(w13.detach()).contiguous()
+    w13._engmoe_w13_interleaved = (key, il)  # type: ignore[attr-defined]
+    return il
+
+
+def _fused_swiglu_applies(x: torch.Tensor, w13: torch.Tensor, row_scale: torch.Tensor | None, plan: GemmPlan,
+                          meta: _Meta) -> bool:
+    """The fused up-projection runs: the plan's fwd is sm90, eager mode, and the kernel takes the operands
+    (bf16, 16-byte rows, a width of whole 8-column gate/up pairs, an fp32 per-row scale)."""
+    if plan.fwd != "sm90" or torch.compiler.is_compiling() or not sm90_gemm.usable() or not cuda_ops.available():
+        return False
+    if w13.dim() != 3 or w13.shape[2] % (2 * sm90_gemm.SWIGLU_BLOCK):
+        return False
+    return sm90_gemm.check_swiglu(x, w13, meta.counts, row_scale) is None
+
+
+class _UpSwiglu(torch.autograd.Function):
+    """``act = silu(gate) · up · row_scale`` of ``x @ w13[e]`` from one sm90 kernel (``w_il``: the interleaved
+    w13); the backward is the unfused one's: SwiGLU's backward from the saved ``h``, then the data and weight
+    gradients against w13 itself (``accum``: added into ``w13.main_grad``, as :class:`_GroupedLinearAccum`)."""
+
+    @staticmethod
+    def forward(ctx, x, w13, row_scale, meta: _Meta, w_il, dgrad: Callable, wgrad_fn: Callable | None,
+                accum: Callable | None):
+        h, act = sm90_gemm.fwd_swiglu_checked(x, w_il, meta.counts, row_scale)
+        ctx.save_for_backward(x, h, row_scale)
+        ctx.param, ctx.meta, ctx.dgrad, ctx.wgrad_fn, ctx.accum = w13, meta, dgrad, wgrad_fn, accum
+        return act
+
+    @staticmethod
+    def backward(ctx, grad_act):
+        x, h, row_scale = ctx.saved_tensors
+        w13 = ctx.param
+        need_s = row_scale is not None and ctx.needs_input_grad[2]
+        gh, gs = torch.ops.engmoe.swiglu_bwd(grad_act.contiguous(), h, row_scale, need_s)
+        dx = ctx.dgrad(gh, w13, ctx.meta) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.accum is not None:
+            ctx.accum(w13.main_grad, x, gh, ctx.meta)
+            wgrad.mark_accumulated(w13)
+            dw = wgrad.placeholder_grad(w13)
+        elif ctx.needs_input_grad[1]:
+            dw = ctx.wgrad_fn(x, gh, ctx.meta)
+        return dx, dw, (gs if need_s else None), None, None, None, None, None

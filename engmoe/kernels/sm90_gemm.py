@@ -15,6 +15,10 @@ Ops (one launch of the argument kernel plus one of the persistent grouped GEMM e
   bf16 in and out, fp32 accumulation.
 * ``torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, x, dy, counts, config=-1)``: ``main_grad[e] += x_eᵀ dy_e``
   in fp32 (the epilogue reads and writes main_grad, beta = 1); experts without rows are left untouched.
+* ``torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, counts, scale=None, config=-1) -> (h, act)``: the
+  up-projection with SwiGLU and the routing probability in the epilogue; ``w_il`` is w13 with gate and up columns
+  interleaved in 8-column blocks (:func:`interleave_gate_up`), ``h`` ``[rows, 2F]`` = (gate | up) as the unfused
+  GEMM writes it, ``act`` ``[rows, F]`` = ``silu(gate) · up · scale[row]`` (docs/kernels-sm90.md).
 
 Library lookup: ``$ENGMOE_SM90_LIB``, else ``build/sm90/libengmoe_sm90.so`` of the source checkout, else the copy
 setup.py put next to this file. A missing or stale library makes :func:`usable` False with the reason in
@@ -35,8 +39,9 @@ import torch
 
 from engmoe.kernels.build_sm90 import BUILD_DIR, LIB_ENV, LIB_NAME  # one definition of the name and where it is built
 
-ABI_VERSION = 1  # ENGMOE_SM90_ABI_VERSION in csrc/sm90/engmoe_sm90.h
-KINDS = {"fwd": 0, "dgrad": 1, "wgrad": 2, "wgrad_accum": 3}
+ABI_VERSION = 2  # ENGMOE_SM90_ABI_VERSION in csrc/sm90/engmoe_sm90.h
+KINDS = {"fwd": 0, "dgrad": 1, "wgrad": 2, "wgrad_accum": 3, "fwd_swiglu": 4}
+SWIGLU_BLOCK = 8  # columns per gate/up block of the interleaved w13 (csrc/sm90/swiglu_epilogue.cuh)
 CONFIGS_ENV = "ENGMOE_SM90_CONFIGS"
 _REPO = Path(__file__).resolve().parents[2]
 BUILD_HINT = "build it with `python -m engmoe.kernels.build_sm90` (needs nvcc and the CUTLASS headers)"
@@ -66,6 +71,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "engmoe_sm90_workspace_bytes": (i64, [i32, i32, i32, i32]),
         "engmoe_sm90_sm_count": (i32, [i32]),
         "engmoe_sm90_run": (i32, [i32, i32, vp, vp, vp, vp, i32, i32, i64, i32, i32, vp, i64, i32, i32, vp]),
+        "engmoe_sm90_run_swiglu": (i32, [i32, vp, vp, vp, vp, vp, vp, i32, i32, i64, i32, i32, vp, i64, i32, i32,
+                                         vp]),
         "engmoe_sm90_last_error": (cp, []),
     }
     for name, (res, args) in sig.items():
@@ -191,6 +198,7 @@ FIT_CANDIDATES: dict[str, tuple[str, ...]] = {
     "dgrad": ("cooperative_128x256x64_c2x1", "cooperative_128x224x64"),
     "wgrad": ("cooperative_128x256x64", "cooperative_128x192x64"),
     "wgrad_accum": ("cooperative_128x256x64", "cooperative_128x192x64"),
+    "fwd_swiglu": ("cooperative_256x128x64", "cooperative_128x128x64", "cooperative_128x256x64_c2x1"),
 }
 
 
@@ -381,3 +389,88 @@ def sm90_grouped_wgrad_accum_(main_grad: torch.Tensor, x: torch.Tensor, dy: torc
 @sm90_grouped_wgrad_accum_.register_fake
 def _(main_grad, x, dy, counts, config=-1):
     return None
+
+
+# ------------------------------------------------------------------------------------------------- SwiGLU epilogue
+def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """``[E, K, 2F]`` (gate | up) -> the same columns in 8-column blocks, gate block b then up block b: the B
+    operand of the ``fwd_swiglu`` kind, whose epilogue finds both members of a SwiGLU pair in one thread."""
+    e, k, n = w13.shape
+    if n % (2 * SWIGLU_BLOCK):
+        raise ValueError(f"interleave_gate_up: width {n} is not a multiple of {2 * SWIGLU_BLOCK}")
+    f = n // 2
+    return w13.reshape(e, k, 2, f // SWIGLU_BLOCK, SWIGLU_BLOCK).transpose(2, 3).reshape(e, k, n)
+
+
+def deinterleave_gate_up(w_il: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`interleave_gate_up`."""
+    e, k, n = w_il.shape
+    return w_il.reshape(e, k, n // (2 * SWIGLU_BLOCK), 2, SWIGLU_BLOCK).transpose(2, 3).reshape(e, k, n)
+
+
+def check_swiglu(x: torch.Tensor, w_il: torch.Tensor, counts: torch.Tensor,
+                 scale: torch.Tensor | None) -> str | None:
+    """None when the ``fwd_swiglu`` kernel takes these operands (the fwd kind's rules, a width that is a multiple
+    of 16, a contiguous fp32 ``scale`` of one value per row), else why not."""
+    if w_il.dim() != 3 or w_il.shape[2] % (2 * SWIGLU_BLOCK):
+        return f"fwd_swiglu: weight {tuple(w_il.shape)}: width not a multiple of {2 * SWIGLU_BLOCK}"
+    if scale is not None:
+        if scale.dtype != torch.float32 or scale.dim() != 1 or scale.shape[0] != x.shape[0]:
+            return f"fwd_swiglu: scale must be fp32 [{x.shape[0]}] (got {scale.dtype} {tuple(scale.shape)})"
+        if not scale.is_contiguous() or scale.device != x.device:
+            return "fwd_swiglu: scale must be contiguous and on the operands' device"
+    return check("fwd", x, w_il, counts)
+
+
+def launch_swiglu(config: int, x: torch.Tensor, w_il: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None,
+                  h: torch.Tensor, act: torch.Tensor) -> None:
+    """One ``fwd_swiglu`` call into preallocated ``h`` ``[rows, 2F]`` and ``act`` ``[rows, F]`` (bf16, contiguous;
+    the tests hand it NaN-poisoned outputs). Operands as :func:`check_swiglu` takes them."""
+    rows, k, n = x.shape[0], w_il.shape[1], w_il.shape[2]
+    if h.shape != (rows, n) or act.shape != (rows, n // 2) or h.dtype != torch.bfloat16 or act.dtype != torch.bfloat16:
+        raise ValueError(f"fwd_swiglu: h must be bf16 [{rows}, {n}] and act bf16 [{rows}, {n // 2}]")
+    if not (h.is_contiguous() and act.is_contiguous()) or h.data_ptr() % 16 or act.data_ptr() % 16:
+        raise ValueError("fwd_swiglu: h and act must be contiguous and 16-byte aligned")
+    if rows == 0:
+        return
+    lib = library()
+    config = default_config("fwd_swiglu", n) if config < 0 else config
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    sms = _sm_count(device)
+    groups = counts.shape[0]
+    ws_bytes = workspace_bytes("fwd_swiglu", config, groups, sms)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    rc = lib.engmoe_sm90_run_swiglu(config, x.data_ptr(), w_il.data_ptr(), h.data_ptr(), act.data_ptr(),
+                                    scale.data_ptr() if scale is not None else None, counts.data_ptr(),
+                                    int(counts.dtype == torch.int64), groups, rows, k, n, ws.data_ptr(), ws_bytes,
+                                    sms, device, stream)
+    if rc != 0:
+        raise RuntimeError(f"engmoe sm90 fwd_swiglu failed ({rc}): {lib.engmoe_sm90_last_error().decode()}")
+
+
+def fwd_swiglu_checked(x: torch.Tensor, w_il: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None,
+                       config: int = -1, checked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``sm90_grouped_fwd_swiglu`` op's body: (h, act); called directly (checked operands) in eager mode."""
+    if not checked:
+        why = unusable_reason() or check_swiglu(x, w_il, counts, scale)
+        if why is not None:
+            raise RuntimeError(f"engmoe sm90 fwd_swiglu: {why}")
+    rows, n = x.shape[0], w_il.shape[2]
+    h = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
+    act = torch.empty(rows, n // 2, dtype=torch.bfloat16, device=x.device)
+    launch_swiglu(config, x, w_il, counts, scale, h, act)
+    return h, act
+
+
+@torch.library.custom_op("engmoe::sm90_grouped_fwd_swiglu", mutates_args=())
+def sm90_grouped_fwd_swiglu(x: torch.Tensor, w_il: torch.Tensor, counts: torch.Tensor,
+                            scale: torch.Tensor | None = None, config: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, act) of the up-projection with SwiGLU and ``scale`` in the epilogue (module docstring)."""
+    return fwd_swiglu_checked(x, w_il, counts, scale, config, checked=False)
+
+
+@sm90_grouped_fwd_swiglu.register_fake
+def _(x, w_il, counts, scale=None, config=-1):
+    n = w_il.shape[2]
+    return (x.new_empty((x.shape[0], n), dtype=torch.bfloat16), x.new_empty((x.shape[0], n // 2), dtype=torch.bfloat16))

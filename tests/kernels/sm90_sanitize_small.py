@@ -17,7 +17,7 @@ def main() -> None:
     why = sm90_gemm.unusable_reason()
     assert why is None, why
     g = torch.Generator(device="cuda").manual_seed(0)
-    for counts, K, N, rows_extra in (([0, 1, 7, 129, 0], 64, 72, 0), ([3, 0, 40], 136, 24, 5), ([130], 8, 16, 0)):
+    for counts, K, N, rows_extra in (([0, 1, 7, 129, 0], 64, 80, 0), ([3, 0, 40], 136, 32, 5), ([130], 8, 16, 0)):
         rows, E = sum(counts) + rows_extra, len(counts)
         x = torch.randn(rows, K, device="cuda", generator=g).bfloat16()
         dy = torch.randn(rows, N, device="cuda", generator=g).bfloat16()
@@ -29,6 +29,12 @@ def main() -> None:
                     torch.ops.engmoe.sm90_grouped_mm(a, b, c, kind, cfg)
             for cfg in range(len(sm90_gemm.configs("wgrad_accum"))):
                 torch.ops.engmoe.sm90_grouped_wgrad_accum_(torch.zeros(E, K, N, device="cuda"), x, dy, c, cfg)
+            if N % 16 == 0:  # the SwiGLU up-projection: whole 8-column gate/up pairs
+                w_il = sm90_gemm.interleave_gate_up(w).contiguous()
+                scale = torch.rand(rows, device="cuda", generator=g)
+                for cfg in range(len(sm90_gemm.configs("fwd_swiglu"))):
+                    torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, c, scale, cfg)
+                    torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, c, None, cfg)
         over = torch.tensor([c + 50 for c in counts], device="cuda")  # sums past the rows: clamped
         torch.ops.engmoe.sm90_grouped_mm(x, w, over, "fwd", 0)
         torch.ops.engmoe.sm90_grouped_wgrad_accum_(torch.zeros(E, K, N, device="cuda"), x, dy, over, 0)

@@ -44,20 +44,20 @@ def test_wgrad_accum_resolution(monkeypatch):
     assert backend._wgrad_accum("grouped") == "grouped"  # an explicit setting wins
 
 
-def test_moe_layer_passes_both_settings(monkeypatch):
+def test_moe_layer_passes_every_kernel_setting(monkeypatch):
     from engmoe.model.moe import layer as layer_mod
 
     seen = []
 
-    def spy(name, gemm_plan=None, wgrad_accum="auto"):
-        seen.append((name, gemm_plan, wgrad_accum))
+    def spy(name, gemm_plan=None, wgrad_accum="auto", swiglu_epilogue=False):
+        seen.append((name, gemm_plan, wgrad_accum, swiglu_epilogue))
         return backend.REFERENCE
 
     monkeypatch.setattr(layer_mod, "get_moe_kernels", spy)
     moe = MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=8, kernel_backend="reference",
-                    gemm_plan="torch,sm90,sm90", expert_wgrad_accum="loop")
+                    gemm_plan="torch,sm90,sm90", expert_wgrad_accum="loop", swiglu_epilogue=True)
     layer_mod.MoELayer(16, moe, etp_group=None)
-    assert seen == [("reference", "torch,sm90,sm90", "loop")]
+    assert seen == [("reference", "torch,sm90,sm90", "loop", True)]
 
 
 def test_default_wgrad_accum_falls_back_where_sm90_cannot_run(monkeypatch):

@@ -47,7 +47,8 @@ def test_stale_library_is_refused(monkeypatch, tmp_path):
     full.write_text("".join(f"int {n}(void) {{ return {v}; }}\n" for n, v in (
         ("engmoe_sm90_abi_version", 0), ("engmoe_sm90_compiled_for_sm90a", 1), ("engmoe_sm90_num_configs", 0),
         ("engmoe_sm90_default_config", 0), ("engmoe_sm90_config_name", 0), ("engmoe_sm90_workspace_bytes", 0),
-        ("engmoe_sm90_sm_count", 0), ("engmoe_sm90_run", 0), ("engmoe_sm90_last_error", 0))))
+        ("engmoe_sm90_sm_count", 0), ("engmoe_sm90_run", 0), ("engmoe_sm90_run_swiglu", 0),
+        ("engmoe_sm90_last_error", 0))))
     lib2 = tmp_path / "libfull.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib2), str(full)], check=True)
     monkeypatch.setenv(sm90_gemm.LIB_ENV, str(lib2))
@@ -149,6 +150,11 @@ def test_built_library_binds_without_a_gpu(monkeypatch):
     assert lib.engmoe_sm90_workspace_bytes(0, 99, 64, 132) < 0
     rc = lib.engmoe_sm90_run(0, 0, 16, 16, 16, 16, 1, 4, 10, 20, 32, 16, 1 << 20, 132, 0, None)
     assert rc == 1 and b"multiples of 8" in lib.engmoe_sm90_last_error()
+    rc = lib.engmoe_sm90_run_swiglu(0, 16, 16, 16, 16, None, 16, 1, 4, 10, 32, 40, 16, 1 << 20, 132, 0, None)
+    assert rc == 1 and b"multiple of 16" in lib.engmoe_sm90_last_error()
+    rc = lib.engmoe_sm90_run(sm90_gemm.KINDS["fwd_swiglu"], 0, 16, 16, 16, 16, 1, 4, 10, 32, 32, 16, 1 << 20, 132, 0,
+                             None)
+    assert rc == 1 and b"engmoe_sm90_run_swiglu" in lib.engmoe_sm90_last_error()
     monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, f"fwd={sm90_gemm.configs('fwd')[-1]}")
     assert sm90_gemm.default_config("fwd") == len(sm90_gemm.configs("fwd")) - 1
     monkeypatch.setenv(sm90_gemm.CONFIGS_ENV, "fwd=nope")
@@ -233,3 +239,67 @@ def test_in_place_build_skips_a_library_that_would_not_be_loaded(tmp_path, monke
     monkeypatch.setenv(sm90_gemm.LIB_ENV, "/elsewhere/libengmoe_sm90.so")
     assert build_sm90.shadowing_library(tmp_path) == Path("/elsewhere/libengmoe_sm90.so")
     assert sm90_gemm.library_paths() == [Path("/elsewhere/libengmoe_sm90.so")]
+
+
+# ------------------------------------------------------------------------------- SwiGLU epilogue (CPU side)
+def test_interleave_gate_up_pairs_gate_and_up_blocks():
+    """Interleaved column c: 8-column block c // 8; even blocks are gate columns, odd ones the same up columns
+    (the pairing csrc/sm90/swiglu_epilogue.cuh relies on), and deinterleave undoes it."""
+    E, K, F = 2, 3, 24
+    w = torch.arange(E * K * 2 * F, dtype=torch.float32).reshape(E, K, 2 * F)
+    il = sm90_gemm.interleave_gate_up(w)
+    for c in range(2 * F):
+        blk, within = divmod(c, 8)
+        src = (blk // 2) * 8 + within + (F if blk % 2 else 0)
+        assert torch.equal(il[:, :, c], w[:, :, src]), c
+    assert torch.equal(sm90_gemm.deinterleave_gate_up(il), w)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        sm90_gemm.interleave_gate_up(torch.zeros(1, 2, 40))
+
+
+def test_fwd_swiglu_fake_and_checks_on_meta_tensors():
+    def m(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    c = m(4, dtype=torch.int64)
+    h, act = torch.ops.engmoe.sm90_grouped_fwd_swiglu(m(10, 16), m(4, 16, 32), c, m(10, dtype=torch.float32))
+    assert h.shape == (10, 32) and act.shape == (10, 16) and act.dtype == torch.bfloat16
+    assert "multiple of 16" in sm90_gemm.check_swiglu(m(10, 16), m(4, 16, 40), c, None)
+    assert "scale" in sm90_gemm.check_swiglu(m(10, 16), m(4, 16, 32), c, m(9, dtype=torch.float32))
+    assert "scale" in sm90_gemm.check_swiglu(m(10, 16), m(4, 16, 32), c, m(10))  # bf16 scale
+
+
+def test_interleaved_w13_cache_follows_the_weights():
+    """Cached on a Parameter until its storage, its version counter or the optimizer-step epoch moves; a plain
+    tensor (a per-call cast) is never cached."""
+    w = torch.nn.Parameter(torch.randn(2, 4, 32))
+    first = grouped.interleaved_w13(w)
+    assert torch.equal(first, sm90_gemm.interleave_gate_up(w.detach()))
+    assert grouped.interleaved_w13(w) is first
+    with torch.no_grad():
+        w.mul_(2)  # in place: the version counter moves
+    second = grouped.interleaved_w13(w)
+    assert second is not first and torch.equal(second, sm90_gemm.interleave_gate_up(w.detach()))
+    w.grad = torch.ones_like(w)
+    torch.optim.SGD([w], lr=0.1).step()  # the global optimizer-step hook
+    third = grouped.interleaved_w13(w)
+    assert third is not second and torch.equal(third, sm90_gemm.interleave_gate_up(w.detach()))
+    w.data.add_(1)  # .data bypasses the version counter: invalidate_interleaved() is the documented way
+    grouped.invalidate_interleaved()
+    assert torch.equal(grouped.interleaved_w13(w), sm90_gemm.interleave_gate_up(w.detach()))
+    plain = torch.randn(2, 4, 32)
+    assert grouped.interleaved_w13(plain) is not grouped.interleaved_w13(plain)
+
+
+def test_swiglu_epilogue_setting_reaches_the_kernels_and_falls_back_off_gpu():
+    from engmoe.config import MoEConfig as Moe
+
+    Moe(swiglu_epilogue=True).validate("model.moe")
+    mlp = grouped.make_grouped_mlp(GemmPlan.parse("sm90"), reference.swiglu, "sm90", fused_swiglu=True)
+    assert mlp.fused_swiglu
+    assert get_moe_kernels("reference").name == "reference"  # the flag is a no-op where no sm90 fwd runs
+    g = torch.Generator().manual_seed(0)
+    x, w13, w2 = torch.randn(20, 16, generator=g), torch.randn(3, 16, 32, generator=g), torch.randn(3, 16, 16, generator=g)
+    counts, scale = torch.tensor([5, 0, 15]), torch.rand(20, generator=g)
+    want = reference.grouped_mlp(x, counts, w13, w2, scale)
+    torch.testing.assert_close(mlp(x, counts, w13, w2, scale), want)

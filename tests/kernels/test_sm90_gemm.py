@@ -19,7 +19,7 @@ import pytest
 import torch
 from layer_runs import forward_backward  # tests/kernels is on sys.path (rootdir-less import)
 
-from engmoe.kernels import grouped, reference, sm90_gemm
+from engmoe.kernels import cuda_ops, grouped, reference, sm90_gemm
 
 pytestmark = pytest.mark.gpu
 
@@ -202,14 +202,93 @@ def test_grouped_linear_plan_sm90_and_fallback(plan):
     _assert_bf16_close(grouped.grouped_linear(x7, w7, c, p90), reference.grouped_mm(x7.float(), w7.float(), c.cpu()))
 
 
-def _layer_pair(dtype, H=64, F=40, E=8, k=2):
+# ----------------------------------------------------------------------- SwiGLU in the up-projection's epilogue
+# (name, counts, K, N): N = 2F, a multiple of 16 (whole gate/up blocks); partial tiles in M, N and K
+SWIGLU_CASES = [
+    ("awkward", [0, 1, 7, 129, 0, 64, 2048, 3], 136, 272),
+    ("ends-empty", [0, 129, 7, 1, 0], 72, 48),
+    ("one-expert", [300], 64, 128),
+    ("engmoe-w13", [129, 0, 1030, 7], 2880, 2160),
+]
+
+
+def _swiglu_run(config, x, w, c, scale, extra_rows=0):
+    """(h, act) of the fused kernel from NaN-poisoned outputs (``extra_rows`` past the counts)."""
+    rows = x.shape[0] + extra_rows
+    if extra_rows:
+        x = torch.cat([x, torch.randn(extra_rows, x.shape[1], device="cuda").bfloat16()])
+        scale = None if scale is None else torch.cat([scale, torch.rand(extra_rows, device="cuda")])
+    h = torch.full((rows, w.shape[2]), float("nan"), device="cuda", dtype=torch.bfloat16)
+    act = torch.full((rows, w.shape[2] // 2), float("nan"), device="cuda", dtype=torch.bfloat16)
+    sm90_gemm.launch_swiglu(config, x, sm90_gemm.interleave_gate_up(w).contiguous(), c, scale, h, act)
+    torch.cuda.synchronize()
+    return h, act
+
+
+@pytest.mark.parametrize("name,counts,K,N", SWIGLU_CASES, ids=[c[0] for c in SWIGLU_CASES])
+@pytest.mark.parametrize("with_scale", [True, False])
+@pytest.mark.parametrize("counts_dtype", [torch.int64, torch.int32])
+def test_fwd_swiglu_writes_h_and_the_scaled_activation(name, counts, K, N, with_scale, counts_dtype):
+    """Every fwd_swiglu configuration: h = x @ w13[e] in the (gate | up) layout of the unfused GEMM (against the
+    fp32 reference, bf16 tolerance) and act = silu(gate) · up · scale bit-identical to engmoe._C's SwiGLU kernel
+    on that h (the same bf16-rounded inputs and fp32 arithmetic), every element written (NaN-poisoned outputs)."""
+    configs = list(_configs("fwd_swiglu"))
+    assert configs, "the library has no fwd_swiglu configuration"
+    x, _, w, c = _inputs(counts, K, N, counts_dtype)
+    scale = torch.rand(x.shape[0], device="cuda") if with_scale else None
+    want_h = reference.grouped_mm(x.float(), w.float(), c.cpu())
+    for config in configs:
+        h, act = _swiglu_run(config, x, w, c, scale)
+        _assert_bf16_close(h, want_h)
+        assert torch.isfinite(act).all(), f"config {config}: unwritten (NaN) activation elements"
+        _assert_bf16_close(act, reference.swiglu(h.float(), scale))
+        if cuda_ops.available():
+            assert torch.equal(act, cuda_ops.swiglu(h, scale)), f"config {config}: differs from the SwiGLU kernel"
+
+
+def test_fwd_swiglu_zeroes_rows_past_the_counts_and_checks_its_operands():
+    x, _, w, c = _inputs([5, 0, 40, 9], 64, 96)
+    for config in _configs("fwd_swiglu"):
+        h, act = _swiglu_run(config, x, w, c, torch.rand(x.shape[0], device="cuda"), extra_rows=7)
+        assert torch.count_nonzero(h[54:]) == 0 and torch.count_nonzero(act[54:]) == 0
+        assert torch.isfinite(h[:54]).all() and torch.isfinite(act[:54]).all()
+    w_odd = torch.randn(4, 64, 88, device="cuda").bfloat16()  # 88: not whole 8-column gate/up pairs
+    assert "multiple of 16" in sm90_gemm.check_swiglu(x, w_odd, c, None)
+    assert "scale" in sm90_gemm.check_swiglu(x, w, c, torch.rand(3, device="cuda"))
+    assert "scale" in sm90_gemm.check_swiglu(x, w, c, torch.rand(x.shape[0], device="cuda").bfloat16())
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_odd, c)
+
+
+def test_fwd_swiglu_op_opcheck_and_top_k_routing():
+    """opcheck of the op (fake shapes, schema), and top-k 1/2/8 routing's counts and probabilities."""
+    x, _, w, c = _inputs([0, 1, 7, 129], 64, 80)
+    w_il = sm90_gemm.interleave_gate_up(w).contiguous()
+    scale = torch.rand(x.shape[0], device="cuda")
+    torch.library.opcheck(torch.ops.engmoe.sm90_grouped_fwd_swiglu.default, (x, w_il, c, scale, -1))
+    torch.library.opcheck(torch.ops.engmoe.sm90_grouped_fwd_swiglu.default, (x, w_il, c, None, -1))
+    for k in (1, 2, 8):
+        T, E = 97, 8
+        idx = torch.rand(T, E, device="cuda").topk(k, -1).indices
+        _, _, counts = reference.routing_maps(idx, E)
+        xs = torch.randn(T * k, 64, device="cuda").bfloat16()
+        probs = torch.rand(T * k, device="cuda")
+        ws = (torch.randn(E, 64, 80, device="cuda") / 8).bfloat16()
+        h, act = torch.ops.engmoe.sm90_grouped_fwd_swiglu(xs, sm90_gemm.interleave_gate_up(ws).contiguous(), counts,
+                                                          probs)
+        _assert_bf16_close(h, reference.grouped_mm(xs.float(), ws.float(), counts.cpu()))
+        _assert_bf16_close(act, reference.swiglu(h.float(), probs))
+
+
+def _layer_pair(dtype, H=64, F=40, E=8, k=2, **sm90_moe):
     from engmoe.config import MoEConfig
     from engmoe.model.moe import MoELayer
 
     torch.manual_seed(0)
     layers = {}
     for b in ("reference", "sm90"):
-        moe = MoEConfig(num_experts=E, top_k=k, expert_intermediate_size=F, kernel_backend=b, aux_loss_coeff=0.01)
+        moe = MoEConfig(num_experts=E, top_k=k, expert_intermediate_size=F, kernel_backend=b, aux_loss_coeff=0.01,
+                        **(sm90_moe if b == "sm90" else {}))
         layers[b] = MoELayer(H, moe, device="cuda", dtype=dtype)
     with torch.no_grad():
         for p in layers["reference"].parameters():
@@ -226,11 +305,23 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 8])
-def test_moe_layer_sm90_backend_matches_reference_backend(top_k):
-    """The whole layer on the ``sm90`` backend against ``reference`` (same router code, so the same routing),
-    bf16: output and every gradient, at the tolerance of the cuda backend's test."""
-    layers = _layer_pair(torch.bfloat16, k=top_k)
+@pytest.mark.parametrize("swiglu_epilogue", [False, True])
+def test_moe_layer_sm90_backend_matches_reference_backend(top_k, swiglu_epilogue):
+    """The whole layer on the ``sm90`` backend (also with SwiGLU in the up-projection's epilogue) against
+    ``reference`` (same router code, so the same routing), bf16: output and every gradient, at the tolerance of
+    the cuda backend's test."""
+    layers = _layer_pair(torch.bfloat16, k=top_k, swiglu_epilogue=swiglu_epilogue)
     assert layers["sm90"].kernels.name == "sm90"
+    assert layers["sm90"].kernels.grouped_mlp.fused_swiglu == swiglu_epilogue
+    if swiglu_epilogue:  # the fused path runs (a silent fallback would pass the comparison below)
+        calls = []
+        real = sm90_gemm.fwd_swiglu_checked
+        sm90_gemm.fwd_swiglu_checked = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        try:
+            layers["sm90"](torch.randn(16, 1, 64, device="cuda", dtype=torch.bfloat16))
+        finally:
+            sm90_gemm.fwd_swiglu_checked = real
+        assert calls
     x = torch.randn(203, 1, 64, device="cuda", dtype=torch.bfloat16)
     outs, grads = forward_backward(layers, x)
     assert _rel(outs["sm90"], outs["reference"]) < 2e-2
@@ -238,10 +329,11 @@ def test_moe_layer_sm90_backend_matches_reference_backend(top_k):
         assert _rel(a, r) < 4e-2
 
 
-def test_moe_layer_sm90_accumulates_into_main_grad():
-    """Gradient-accumulation fusion on the sm90 backend: main_grad += the weight gradient (fp32, in place),
-    the flag DDP's hook reads set, the rest of the layer's gradients as without fusion."""
-    layers = _layer_pair(torch.bfloat16)
+@pytest.mark.parametrize("swiglu_epilogue", [False, True])
+def test_moe_layer_sm90_accumulates_into_main_grad(swiglu_epilogue):
+    """Gradient-accumulation fusion on the sm90 backend (also with the SwiGLU epilogue): main_grad += the weight
+    gradient (fp32, in place), the flag DDP's hook reads set, the rest of the layer's gradients as without fusion."""
+    layers = _layer_pair(torch.bfloat16, swiglu_epilogue=swiglu_epilogue)
     fused = layers["sm90"]
     experts = fused.experts
     experts.gradient_accumulation_fusion = True
@@ -257,3 +349,39 @@ def test_moe_layer_sm90_accumulates_into_main_grad():
     for p, q in ((experts.w13, ref.experts.w13), (experts.w2, ref.experts.w2)):
         assert getattr(p, "grad_added_to_main_grad", False)
         assert _rel(p.main_grad - start[p], q.grad) < 4e-2
+
+
+def test_swiglu_epilogue_sees_updated_weights():
+    """The cached interleaved w13 follows the weights: after an optimizer step, an in-place copy and
+    invalidate_interleaved() (after a write through ``.data``) the fused layer's output equals the unfused layer's
+    on the same weights, and each update moves the output enough that a stale copy would fail."""
+    fused = _layer_pair(torch.bfloat16, swiglu_epilogue=True)["sm90"]
+    plain = _layer_pair(torch.bfloat16)["sm90"]
+    x = torch.randn(203, 1, 64, device="cuda", dtype=torch.bfloat16)
+    w13 = fused.experts.w13
+
+    def outputs():
+        plain.load_state_dict(fused.state_dict())
+        with torch.no_grad():
+            return fused(x), plain(x)
+
+    def sgd_step():
+        w13.grad = torch.randn_like(w13)
+        torch.optim.SGD([w13], lr=0.1).step()
+
+    def copy_in_place():
+        with torch.no_grad():
+            w13.copy_(torch.randn_like(w13) * 0.1)
+
+    def through_data():
+        w13.data.mul_(-1)  # invisible to the version counter: the documented escape hatch follows
+        grouped.invalidate_interleaved()
+
+    a, before = outputs()
+    assert _rel(a, before) < 1e-3
+    for update in (sgd_step, copy_in_place, through_data):
+        update()
+        a, b = outputs()
+        assert _rel(a, b) < 1e-3, update.__name__
+        assert _rel(b, before) > 1e-2, f"{update.__name__} did not change the output: the test proves nothing"
+        before = b

@@ -71,7 +71,8 @@ class MoELayer(nn.Module):
             raise ValueError("MoELayer: ep_size > 1 needs the expert-parallel process group")
         self.dispatcher = make_dispatcher(moe.num_experts, moe.top_k, ep_group if ep_size > 1 else None, etp_group,
                                           overlap_chunks=a2a_chunks)
-        self.kernels = get_moe_kernels(moe.kernel_backend, moe.gemm_plan, moe.expert_wgrad_accum)
+        self.kernels = get_moe_kernels(moe.kernel_backend, moe.gemm_plan, moe.expert_wgrad_accum,
+                                       moe.swiglu_epilogue)
         self.aux_loss_scale = 1.0
         self.stats = MoEStatsAccumulator()  # the routing statistics of every forward (engmoe.model.moe.stats)
 
