@@ -82,7 +82,8 @@ def timed(fn, iters=10, warm=3, inner=1, hold=False):
 def build_layer(backend: str, args, seed=0):
     torch.manual_seed(seed)
     moe = MoEConfig(num_experts=args.experts, top_k=args.topk, expert_intermediate_size=args.ffn,
-                    kernel_backend="cuda" if backend.startswith("cuda") else backend, aux_loss_coeff=1e-3)
+                    kernel_backend="cuda" if backend.startswith("cuda") else backend, aux_loss_coeff=1e-3,
+                    swiglu_epilogue=backend == "cuda_swiglu")  # A/B: SwiGLU in the up-projection's epilogue
     layer = MoELayer(args.hidden, moe, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         for p in layer.parameters():

@@ -140,7 +140,51 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
         res[f"{name}_sm90_auto_{tag}"] = auto
         lines.append(f"{tag:12s} {name:7s} main_grad += xᵀdy: {cells}  | default {auto}")
         print(lines[-1], flush=True)
+    lines += bench_swiglu(tag, x, w13, counts, args, res)
     return lines
+
+
+def bench_swiglu(tag: str, x: torch.Tensor, w13: torch.Tensor, counts: torch.Tensor, args, res: dict) -> list[str]:
+    """The up-projection + SwiGLU + routing probability: the unfused pair (sm90 fwd at its default, then engmoe._C's
+    swiglu kernel) against each fwd_swiglu configuration on the interleaved w13, and what interleaving w13 costs
+    (paid once per weight update when cached). Each fused result is compared with the unfused one."""
+    from engmoe.kernels import cuda_ops
+
+    if not cuda_ops.available() or not sm90_gemm.configs("fwd_swiglu"):
+        return [f"{tag:12s} swiglu: skipped (engmoe._C or the fwd_swiglu kind missing)"]
+    M, F = x.shape[0], w13.shape[2] // 2
+    scale = torch.rand(M, device="cuda")
+    w_il = sm90_gemm.interleave_gate_up(w13).contiguous()
+
+    def unfused():
+        h = grouped._IMPL[("sm90", "fwd")](x, w13, grouped._Meta(counts))
+        return h, cuda_ops.swiglu(h, scale)
+
+    h_ref, act_ref = unfused()
+    row = {"unfused": timed(unfused, iters=args.iters, warm=3, inner=2, hold=True),
+           "interleave_w13": timed(lambda: sm90_gemm.interleave_gate_up(w13).contiguous(), iters=args.iters, warm=3,
+                                   inner=2, hold=True)}
+    checks = []
+    for ci, cname in enumerate(sm90_gemm.configs("fwd_swiglu")):
+        key = f"fused:{cname}"
+        try:
+            h, act = torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, counts, scale, ci)
+            res[f"swiglu_{key}_{tag}_h_relerr"] = _rel(h, h_ref)
+            res[f"swiglu_{key}_{tag}_act_relerr"] = _rel(act, act_ref)
+            checks.append(f"{cname} h {_rel(h, h_ref):.1e} act {_rel(act, act_ref):.1e}")
+            row[key] = timed(lambda: torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, counts, scale, ci),
+                             iters=args.iters, warm=3, inner=2, hold=True)
+        except RuntimeError as e:
+            print(f"swiglu {key} {tag}: FAILED {e}", flush=True)
+            res[f"swiglu_{key}_{tag}_error"] = str(e)
+    for k_, ms in row.items():
+        res[f"swiglu_{k_}_{tag}_ms"] = ms
+    flops = 2 * M * x.shape[1] * 2 * F
+    cells = "  ".join(f"{k_} {ms:6.3f} ms" + (f" ({flops / ms / 1e9:4.0f} TFLOP/s)" if k_ != "interleave_w13" else "")
+                      for k_, ms in row.items())
+    line = f"{tag:12s} up+swiglu: {cells}  | relerr vs unfused: {'; '.join(checks)}"
+    print(line, flush=True)
+    return [line]
 
 
 def main() -> int:
