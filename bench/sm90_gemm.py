@@ -32,9 +32,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _auto_name(kind: str, cols: int) -> str:
+def _auto_name(kind: str, cols: int, rows_per_group: float | None = None) -> str:
     """The configuration a ``config=-1`` call runs for a GEMM writing ``cols`` output columns."""
-    return sm90_gemm.configs(kind)[sm90_gemm.default_config(kind, cols)]
+    return sm90_gemm.configs(kind)[sm90_gemm.default_config(kind, cols, rows_per_group)]
 
 
 def bench_at(T: int, E: int, args, res: dict) -> list[str]:
@@ -91,7 +91,7 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
             totals[lib] = totals.get(lib, 0.0) + ms
             counted[lib] = counted.get(lib, 0) + 1
         sm90_best = min((v for k_, v in row.items() if k_.startswith("sm90:")), default=float("nan"))
-        auto = _auto_name(kind, n)  # the dense shape's n is the output width
+        auto = _auto_name(kind, n, A.shape[0] / E)  # the dense shape's n is the output width
         res[f"{name}_sm90_auto_{tag}"] = auto
         for key, ms in (("sm90:best", sm90_best), ("sm90:auto", row.get(f"sm90:{auto}", float("nan")))):
             totals[key] = totals.get(key, 0.0) + ms
@@ -136,7 +136,7 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
         for lib, ms in row.items():
             res[f"{name}_{lib}_{tag}_ms"] = ms
         cells = "  ".join(f"{lib} {ms:6.3f} ms ({flops / ms / 1e9:4.0f} TFLOP/s)" for lib, ms in row.items())
-        auto = _auto_name("wgrad_accum", N)
+        auto = _auto_name("wgrad_accum", N, M / E)
         res[f"{name}_sm90_auto_{tag}"] = auto
         lines.append(f"{tag:12s} {name:7s} main_grad += xᵀdy: {cells}  | default {auto}")
         print(lines[-1], flush=True)

@@ -202,6 +202,19 @@ FIT_CANDIDATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Small groups (at most SMALL_GROUP_ROWS rows per expert on average: the accumulating wgrad's reduction is that
+# short): the fp32 read + write of main_grad per tile outweighs a tile's 16 k-steps, and the ping-pong kernel, whose
+# warp groups alternate so one's epilogue overlaps the other's mainloop, joins the candidates (fewest padded columns
+# still decides). One H200, 2026-12-04, bench/sm90_gemm.py --tokens 4096 8192 --experts 16 32 64: the 2160-wide
+# accumulation at 512 / 1024 / 1024 rows per expert (4k x 64, 4k x 32, 8k x 64) 1.246 / 0.855 / 1.786 ms on
+# ping-pong 128x128 (16 padded columns) against 1.282 / 0.908 / 1.869 on 128x256 (144); at 2048 rows 128x256 wins
+# (4k x 16: 0.750 vs 0.822) and the 2880-wide one stays on 128x192 (no padded column; 8k x 64: 0.892 vs 0.999).
+SMALL_GROUP_ROWS = 1024
+SMALL_GROUP_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "wgrad_accum": FIT_CANDIDATES["wgrad_accum"] + ("pingpong_128x128x64",),
+}
+
+
 def tile_n(name: str) -> int:
     """The N of a configuration's tile, from its name (``cooperative_128x240x64_c2x1`` -> 240)."""
     for part in name.split("_"):
@@ -223,20 +236,23 @@ def fit_config(names: list[str], candidates: tuple[str, ...], cols: int) -> str 
 
 
 @functools.lru_cache(maxsize=None)
-def _fit_default(kind: str, cols: int) -> int:
+def _fit_default(kind: str, cols: int, small_groups: bool = False) -> int:
     names = configs(kind)
-    name = fit_config(names, FIT_CANDIDATES.get(kind, ()), cols)
+    cands = SMALL_GROUP_CANDIDATES.get(kind) if small_groups else None
+    name = fit_config(names, cands or FIT_CANDIDATES.get(kind, ()), cols)
     return names.index(name) if name is not None else _measured_default(kind)
 
 
-def default_config(kind: str, cols: int | None = None) -> int:
+def default_config(kind: str, cols: int | None = None, rows_per_group: float | None = None) -> int:
     """The config a call with ``config=-1`` runs: ``ENGMOE_SM90_CONFIGS`` if it names ``kind``, else the
-    best-fitting tile for output width ``cols`` (``FIT_CANDIDATES``), else the measured default
-    (``MEASURED_DEFAULTS``), else 0."""
+    best-fitting tile for output width ``cols`` (``FIT_CANDIDATES``; ``SMALL_GROUP_CANDIDATES`` when the groups
+    average at most ``SMALL_GROUP_ROWS`` rows), else the measured default (``MEASURED_DEFAULTS``), else 0."""
     env = _env_defaults(os.environ.get(CONFIGS_ENV, ""))
     if kind in env:
         return env[kind]
-    return _fit_default(kind, cols) if cols is not None else _measured_default(kind)
+    if cols is None:
+        return _measured_default(kind)
+    return _fit_default(kind, cols, rows_per_group is not None and rows_per_group <= SMALL_GROUP_ROWS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -327,10 +343,11 @@ def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.T
         if why is not None:
             raise RuntimeError(f"engmoe sm90 {kind}: {why}")
     lib = library()
-    config = default_config(kind, d.shape[-1]) if config < 0 else config  # d's last dim: the tile's N runs over it
+    groups = counts.shape[0]
+    if config < 0:  # d's last dim: the tile's N runs over it; rows / groups: host values, no sync
+        config = default_config(kind, d.shape[-1], a.shape[0] / groups)
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     sms = _sm_count(device)
-    groups = counts.shape[0]
     rows, k, n, _ = _dims(kind, a, b, counts)
     ws_bytes = workspace_bytes(kind, config, groups, sms)
     # from torch's caching allocator: freed (stream-ordered) after the call, captured with a CUDA graph

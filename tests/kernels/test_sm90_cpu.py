@@ -192,6 +192,10 @@ def test_tile_fit_picks_the_tile_whose_n_divides_the_output_width():
     assert sm90_gemm.fit_config(compiled, cands, 2048) == "cooperative_128x256x64"  # a tie: the earlier name
     assert sm90_gemm.fit_config(["cooperative_128x256x64"], cands, 1080) == "cooperative_128x256x64"
     assert sm90_gemm.fit_config(["pingpong_128x128x64"], cands, 1080) is None
+    small = sm90_gemm.SMALL_GROUP_CANDIDATES["wgrad_accum"]
+    assert set(sm90_gemm.FIT_CANDIDATES["wgrad_accum"]) < set(small)  # small groups only add candidates
+    assert sm90_gemm.fit_config(list(small), small, 2160) == "pingpong_128x128x64"
+    assert sm90_gemm.fit_config(list(small), small, 2880) == "cooperative_128x192x64"
     # N-contiguous B (fwd, wgrad_accum): only tiles whose N keeps the 128-byte swizzle (a multiple of 64)
     assert all(sm90_gemm.tile_n(c) % 64 == 0 for k in ("fwd", "wgrad_accum") for c in sm90_gemm.FIT_CANDIDATES[k])
     assert sm90_gemm.FIT_CANDIDATES["fwd"][0] == sm90_gemm.MEASURED_DEFAULTS["fwd"]  # ties keep the measured one
@@ -217,6 +221,12 @@ def test_built_library_defaults_fit_the_expert_widths(monkeypatch):
     assert name["dgrad"][sm90_gemm.default_config("dgrad", 1080)] == "cooperative_128x224x64"
     assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2880)] == "cooperative_128x192x64"
     assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2160)] == "cooperative_128x256x64"
+    # small groups: ping-pong joins the accumulation's candidates (2160: 16 padded columns against 144)
+    assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2160, 1024)] == "pingpong_128x128x64"
+    assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2160, 2048)] == "cooperative_128x256x64"
+    assert name["wgrad_accum"][sm90_gemm.default_config("wgrad_accum", 2880, 512)] == "cooperative_128x192x64"
+    assert name["wgrad"][sm90_gemm.default_config("wgrad", 2160, 512)] == "cooperative_128x256x64"
+    assert name["fwd_swiglu"][sm90_gemm.default_config("fwd_swiglu", 2160)] == "cooperative_256x128x64"
     assert name["wgrad"][sm90_gemm.default_config("wgrad", 2880)] == "cooperative_128x192x64"
     assert name["wgrad"][sm90_gemm.default_config("wgrad", 2160)] == "cooperative_128x256x64"
     assert name["wgrad"][sm90_gemm.default_config("wgrad")] == "cooperative_128x256x64"
