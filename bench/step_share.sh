@@ -110,6 +110,8 @@ declare -A V=(
   [text-mb2-graphs-sm90]="stage.micro_batch=2,bench.data=text,model.cuda_graphs=attention,model.moe.gemm_plan=sm90"
   [mock-mb1-graphs-accum-sm90]="stage.micro_batch=1,model.cuda_graphs=attention,model.moe.expert_wgrad_accum=sm90"
   [mock-mb2-graphs-accum-sm90]="stage.micro_batch=2,model.cuda_graphs=attention,model.moe.expert_wgrad_accum=sm90"
+  [forced-mb1-graphs-swiglu]="stage.micro_batch=1,model.moe.force_balanced_routing=true,model.cuda_graphs=attention,model.moe.swiglu_epilogue=true"
+  [mock-mb1-graphs-swiglu]="stage.micro_batch=1,model.cuda_graphs=attention,model.moe.swiglu_epilogue=true"
   [proxy-mb4-graphs]="bench.model=proxy,stage.micro_batch=4,model.cuda_graphs=attention"
   [proxy-mb2]="bench.model=proxy,stage.micro_batch=2"
   [proxy-mb4]="bench.model=proxy,stage.micro_batch=4"
