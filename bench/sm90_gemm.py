@@ -32,6 +32,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _checked_timing(res: dict, error_key: str, label: str, check, fn, args) -> float | None:
+    """``check()`` (records the result's errors) then the device-time median of ``fn``; a configuration that
+    fails is recorded under ``error_key`` and printed, not fatal (the other numbers of the call survive)."""
+    try:
+        check()
+        return timed(fn, iters=args.iters, warm=3, inner=2, hold=True)
+    except RuntimeError as e:
+        print(f"{label}: FAILED {e}", flush=True)
+        res[error_key] = str(e)
+        return None
+
+
 def _auto_name(kind: str, cols: int, rows_per_group: float | None = None) -> str:
     """The configuration a ``config=-1`` call runs for a GEMM writing ``cols`` output columns."""
     return sm90_gemm.configs(kind)[sm90_gemm.default_config(kind, cols, rows_per_group)]
@@ -121,18 +133,19 @@ def bench_at(T: int, E: int, args, res: dict) -> list[str]:
                                            warm=3, inner=2)
         for ci, cname in enumerate(sm90_gemm.configs("wgrad_accum")):
             key = f"sm90:{cname}"
-            try:
+
+            def check(A=A, B=B, K=K, N=N, ci=ci, key=key):
                 mg = torch.zeros(E, K, N, device="cuda")
                 torch.ops.engmoe.sm90_grouped_wgrad_accum_(mg, A, B, counts, ci)
                 if grouped.grouped_mm_fp32_out_usable():
                     want = torch._grouped_mm(A.t(), B, offs=meta.offs, out_dtype=torch.float32)
                     res[f"{name}_{key}_{tag}_relerr_vs_torch"] = _rel(mg, want)
-                del mg
-                row[key] = timed(lambda: torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, A, B, counts, ci),
-                                 iters=args.iters, warm=3, inner=2, hold=True)
-            except RuntimeError as e:
-                print(f"{name} {key} {tag}: FAILED {e}", flush=True)
-                res[f"{name}_{key}_{tag}_error"] = str(e)
+
+            ms = _checked_timing(res, f"{name}_{key}_{tag}_error", f"{name} {key} {tag}", check,
+                                 lambda A=A, B=B, ci=ci: torch.ops.engmoe.sm90_grouped_wgrad_accum_(main_grad, A, B,
+                                                                                                   counts, ci), args)
+            if ms is not None:
+                row[key] = ms
         for lib, ms in row.items():
             res[f"{name}_{lib}_{tag}_ms"] = ms
         cells = "  ".join(f"{lib} {ms:6.3f} ms ({flops / ms / 1e9:4.0f} TFLOP/s)" for lib, ms in row.items())
@@ -167,16 +180,17 @@ def bench_swiglu(tag: str, x: torch.Tensor, w13: torch.Tensor, counts: torch.Ten
     checks = []
     for ci, cname in enumerate(sm90_gemm.configs("fwd_swiglu")):
         key = f"fused:{cname}"
-        try:
+
+        def check(ci=ci, key=key, cname=cname):
             h, act = torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, counts, scale, ci)
             res[f"swiglu_{key}_{tag}_h_relerr"] = _rel(h, h_ref)
             res[f"swiglu_{key}_{tag}_act_relerr"] = _rel(act, act_ref)
             checks.append(f"{cname} h {_rel(h, h_ref):.1e} act {_rel(act, act_ref):.1e}")
-            row[key] = timed(lambda: torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, counts, scale, ci),
-                             iters=args.iters, warm=3, inner=2, hold=True)
-        except RuntimeError as e:
-            print(f"swiglu {key} {tag}: FAILED {e}", flush=True)
-            res[f"swiglu_{key}_{tag}_error"] = str(e)
+
+        ms = _checked_timing(res, f"swiglu_{key}_{tag}_error", f"swiglu {key} {tag}", check,
+                             lambda ci=ci: torch.ops.engmoe.sm90_grouped_fwd_swiglu(x, w_il, counts, scale, ci), args)
+        if ms is not None:
+            row[key] = ms
     for k_, ms in row.items():
         res[f"swiglu_{k_}_{tag}_ms"] = ms
     flops = 2 * M * x.shape[1] * 2 * F
