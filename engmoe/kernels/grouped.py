@@ -395,9 +395,10 @@ def make_grouped_mlp(plan: GemmPlan, swiglu_fn: Callable, wgrad_accum: str = DEF
 # -- SwiGLU in the up-projection's epilogue (sm90 kind fwd_swiglu, docs/kernels-sm90.md) -------------------------
 # The kernel reads w13 with gate and up columns interleaved (sm90_gemm.interleave_gate_up): one extra bf16 copy of
 # w13 per layer, kept on the Parameter and rebuilt when it may have changed: its storage or version counter moved,
-# or any torch optimizer stepped since (a global step hook; engmoe's optimizer, megatron-core's inner optimizers and
-# torch.optim all step through it). Code that writes expert weights through ``.data`` outside an optimizer step
-# calls :func:`invalidate_interleaved`.
+# or any torch.optim.Optimizer stepped since (a global step hook: engmoe's BucketAdamW steps a torch AdamW, then
+# copies the masters into the bf16 weights before the next forward). A checkpoint load copies into the parameters
+# in place (the version counter moves). Code that writes expert weights through ``.data`` or a flat buffer outside
+# an optimizer step calls :func:`invalidate_interleaved`.
 _WEIGHT_EPOCH = [0]
 _EPOCH_HOOK: list = []
 
