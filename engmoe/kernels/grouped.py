@@ -431,8 +431,6 @@ def _fused_swiglu_applies(x: torch.Tensor, w13: torch.Tensor, row_scale: torch.T
     (bf16, 16-byte rows, a width of whole 8-column gate/up pairs, an fp32 per-row scale)."""
     if plan.fwd != "sm90" or torch.compiler.is_compiling() or not sm90_gemm.usable() or not cuda_ops.available():
         return False
-    if w13.dim() != 3 or w13.shape[2] % (2 * sm90_gemm.SWIGLU_BLOCK):
-        return False
     return sm90_gemm.check_swiglu(x, w13, meta.counts, row_scale) is None
 
 

@@ -34,6 +34,7 @@ import ctypes
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -342,20 +343,40 @@ def _launch(kind: str, config: int, a: torch.Tensor, b: torch.Tensor, d: torch.T
         why = unusable_reason() or check(kind, a, b, counts, d if kind == "wgrad_accum" else None)
         if why is not None:
             raise RuntimeError(f"engmoe sm90 {kind}: {why}")
-    lib = library()
+    rows, k, n, _ = _dims(kind, a, b, counts)
+    c = _call(kind, config, a, counts, d.shape[-1])  # d's last dim: the tile's N runs over it
+    _raise_on_error(kind, c.lib, c.lib.engmoe_sm90_run(
+        KINDS[kind], c.config, a.data_ptr(), b.data_ptr(), d.data_ptr(), counts.data_ptr(),
+        int(counts.dtype == torch.int64), c.groups, rows, k, n, c.ws.data_ptr(), c.ws_bytes, c.sms, c.device,
+        c.stream))
+
+
+class _Call(NamedTuple):
+    lib: ctypes.CDLL
+    config: int
+    groups: int
+    device: int
+    sms: int
+    ws: torch.Tensor
+    ws_bytes: int
+    stream: int
+
+
+def _call(kind: str, config: int, a: torch.Tensor, counts: torch.Tensor, cols: int) -> _Call:
+    """What every launch passes besides its operands: the configuration (``config < 0``: the default for output
+    width ``cols`` and the call's rows per group, host values, no sync), device, SM count, a workspace from torch's
+    caching allocator (freed stream-ordered after the call, captured with a CUDA graph) and the current stream."""
     groups = counts.shape[0]
-    if config < 0:  # d's last dim: the tile's N runs over it; rows / groups: host values, no sync
-        config = default_config(kind, d.shape[-1], a.shape[0] / groups)
+    if config < 0:
+        config = default_config(kind, cols, a.shape[0] / groups)
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     sms = _sm_count(device)
-    rows, k, n, _ = _dims(kind, a, b, counts)
     ws_bytes = workspace_bytes(kind, config, groups, sms)
-    # from torch's caching allocator: freed (stream-ordered) after the call, captured with a CUDA graph
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=a.device)
-    stream = torch.cuda.current_stream(a.device).cuda_stream
-    rc = lib.engmoe_sm90_run(KINDS[kind], config, a.data_ptr(), b.data_ptr(), d.data_ptr(), counts.data_ptr(),
-                             int(counts.dtype == torch.int64), groups, rows, k, n, ws.data_ptr(), ws_bytes, sms,
-                             device, stream)
+    return _Call(library(), config, groups, device, sms, ws, ws_bytes, torch.cuda.current_stream(a.device).cuda_stream)
+
+
+def _raise_on_error(kind: str, lib: ctypes.CDLL, rc: int) -> None:
     if rc != 0:
         raise RuntimeError(f"engmoe sm90 {kind} failed ({rc}): {lib.engmoe_sm90_last_error().decode()}")
 
@@ -419,12 +440,6 @@ def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
     return w13.reshape(e, k, 2, f // SWIGLU_BLOCK, SWIGLU_BLOCK).transpose(2, 3).reshape(e, k, n)
 
 
-def deinterleave_gate_up(w_il: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`interleave_gate_up`."""
-    e, k, n = w_il.shape
-    return w_il.reshape(e, k, n // (2 * SWIGLU_BLOCK), 2, SWIGLU_BLOCK).transpose(2, 3).reshape(e, k, n)
-
-
 def check_swiglu(x: torch.Tensor, w_il: torch.Tensor, counts: torch.Tensor,
                  scale: torch.Tensor | None) -> str | None:
     """None when the ``fwd_swiglu`` kernel takes these operands (the fwd kind's rules, a width that is a multiple
@@ -443,27 +458,24 @@ def launch_swiglu(config: int, x: torch.Tensor, w_il: torch.Tensor, counts: torc
                   h: torch.Tensor, act: torch.Tensor) -> None:
     """One ``fwd_swiglu`` call into preallocated ``h`` ``[rows, 2F]`` and ``act`` ``[rows, F]`` (bf16, contiguous;
     the tests hand it NaN-poisoned outputs). Operands as :func:`check_swiglu` takes them."""
-    rows, k, n = x.shape[0], w_il.shape[1], w_il.shape[2]
+    rows, n = x.shape[0], w_il.shape[2]
     if h.shape != (rows, n) or act.shape != (rows, n // 2) or h.dtype != torch.bfloat16 or act.dtype != torch.bfloat16:
         raise ValueError(f"fwd_swiglu: h must be bf16 [{rows}, {n}] and act bf16 [{rows}, {n // 2}]")
     if not (h.is_contiguous() and act.is_contiguous()) or h.data_ptr() % 16 or act.data_ptr() % 16:
         raise ValueError("fwd_swiglu: h and act must be contiguous and 16-byte aligned")
+    _run_swiglu(config, x, w_il, counts, scale, h, act)
+
+
+def _run_swiglu(config, x, w_il, counts, scale, h, act) -> None:
+    """:func:`launch_swiglu` for outputs allocated here (the op's own path: no output checks)."""
+    rows, k, n = x.shape[0], w_il.shape[1], w_il.shape[2]
     if rows == 0:
         return
-    lib = library()
-    config = default_config("fwd_swiglu", n) if config < 0 else config
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    sms = _sm_count(device)
-    groups = counts.shape[0]
-    ws_bytes = workspace_bytes("fwd_swiglu", config, groups, sms)
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = lib.engmoe_sm90_run_swiglu(config, x.data_ptr(), w_il.data_ptr(), h.data_ptr(), act.data_ptr(),
-                                    scale.data_ptr() if scale is not None else None, counts.data_ptr(),
-                                    int(counts.dtype == torch.int64), groups, rows, k, n, ws.data_ptr(), ws_bytes,
-                                    sms, device, stream)
-    if rc != 0:
-        raise RuntimeError(f"engmoe sm90 fwd_swiglu failed ({rc}): {lib.engmoe_sm90_last_error().decode()}")
+    c = _call("fwd_swiglu", config, x, counts, n)
+    _raise_on_error("fwd_swiglu", c.lib, c.lib.engmoe_sm90_run_swiglu(
+        c.config, x.data_ptr(), w_il.data_ptr(), h.data_ptr(), act.data_ptr(),
+        scale.data_ptr() if scale is not None else None, counts.data_ptr(), int(counts.dtype == torch.int64),
+        c.groups, rows, k, n, c.ws.data_ptr(), c.ws_bytes, c.sms, c.device, c.stream))
 
 
 def fwd_swiglu_checked(x: torch.Tensor, w_il: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None,
@@ -476,7 +488,7 @@ def fwd_swiglu_checked(x: torch.Tensor, w_il: torch.Tensor, counts: torch.Tensor
     rows, n = x.shape[0], w_il.shape[2]
     h = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     act = torch.empty(rows, n // 2, dtype=torch.bfloat16, device=x.device)
-    launch_swiglu(config, x, w_il, counts, scale, h, act)
+    _run_swiglu(config, x, w_il, counts, scale, h, act)
     return h, act
 
 

@@ -254,7 +254,7 @@ def test_in_place_build_skips_a_library_that_would_not_be_loaded(tmp_path, monke
 # ------------------------------------------------------------------------------- SwiGLU epilogue (CPU side)
 def test_interleave_gate_up_pairs_gate_and_up_blocks():
     """Interleaved column c: 8-column block c // 8; even blocks are gate columns, odd ones the same up columns
-    (the pairing csrc/sm90/swiglu_epilogue.cuh relies on), and deinterleave undoes it."""
+    (the pairing csrc/sm90/swiglu_epilogue.cuh relies on), and the inverse reshape undoes it."""
     E, K, F = 2, 3, 24
     w = torch.arange(E * K * 2 * F, dtype=torch.float32).reshape(E, K, 2 * F)
     il = sm90_gemm.interleave_gate_up(w)
@@ -262,7 +262,8 @@ def test_interleave_gate_up_pairs_gate_and_up_blocks():
         blk, within = divmod(c, 8)
         src = (blk // 2) * 8 + within + (F if blk % 2 else 0)
         assert torch.equal(il[:, :, c], w[:, :, src]), c
-    assert torch.equal(sm90_gemm.deinterleave_gate_up(il), w)
+    deinterleaved = il.reshape(E, K, 2 * F // 16, 2, 8).transpose(2, 3).reshape(E, K, 2 * F)
+    assert torch.equal(deinterleaved, w)
     with pytest.raises(ValueError, match="multiple of 16"):
         sm90_gemm.interleave_gate_up(torch.zeros(1, 2, 40))
 
